@@ -1,0 +1,49 @@
+"""Shared fixtures: a few real beans images per class, and tiny ViT configs."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+BEANS = REPO / "data" / "beans"
+CLASSES = ("angular_leaf_spot", "bean_rust", "healthy")
+
+
+def make_imagefolder(root: Path, per_class: dict[str, int]) -> Path:
+    """Copy the first n real images of each class into root/split/class/."""
+    for split, n in per_class.items():
+        for cls in CLASSES:
+            dst = root / split / cls
+            dst.mkdir(parents=True, exist_ok=True)
+            for src in sorted((BEANS / split / cls).iterdir())[:n]:
+                shutil.copy(src, dst / src.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_beans(tmp_path_factory) -> Path:
+    """8 train, 3 validation, 2 test images per class (24 / 9 / 6)."""
+    return make_imagefolder(tmp_path_factory.mktemp("beans"), {"train": 8, "validation": 3, "test": 2})
+
+
+@pytest.fixture(scope="session")
+def vit4_dir(tmp_path_factory) -> Path:
+    """A 4-layer micro ViT config folder (random init with --pretrained none): room for 4 pipeline stages."""
+    from transformers import ViTConfig
+    d = tmp_path_factory.mktemp("vit4")
+    ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128, image_size=32,
+              patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(d)
+    return d
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """CLI args of a seconds-long CPU run."""
+    return ["train", "--model", "vit-micro", "--dataset", str(data), "--output", str(out), "--epochs", "2",
+            "-b", "8", "--lr", "1e-3", "--warmup_ratio", "0.1", "--cache_dir", str(out.parent / "cache"),
+            "--log_every", "1", "--no-progress", *extra]

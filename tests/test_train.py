@@ -1,0 +1,157 @@
+"""Single-process training: it learns, it resumes bitwise, it survives kills, it exports."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, train_args
+from vitboost.checkpoint import is_complete, latest_checkpoint
+from vitboost.cli import main
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def cli(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vitboost", *args], env=ENV, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_cli(args: list[str]) -> str:
+    p = cli(args)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    return out
+
+
+def kill_when(p: subprocess.Popen, condition, timeout: float = 120) -> None:
+    """SIGKILL the process the moment condition() holds (polled every millisecond)."""
+    end = time.time() + timeout
+    while time.time() < end and p.poll() is None:
+        if condition():
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"condition never held; process output:\n{p.communicate()[0]}")
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def test_training_learns_and_evaluates_every_sample(tiny_beans, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_beans, out, "--epochs", "6")) == 0
+    printed = capsys.readouterr().out
+    assert "eval accuracy: " in printed and "(validation, 9 images)" in printed and "(test, 6 images)" in printed
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(losses) == 6 * 3  # 24 images / batch 8 = 3 steps per epoch
+    assert sum(losses[-3:]) < sum(losses[:3]) * 0.9
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["validation"]["num_samples"] == 9
+    assert summary["eval"]["test"]["num_samples"] == 6
+    cm = summary["eval"]["validation"]["confusion_matrix"]
+    assert sum(map(sum, cm)) == 9 and len(cm) == 3
+    assert (out / "config.yaml").is_file() and (out / "model" / "model.safetensors").is_file()
+
+
+def test_two_epochs_equal_one_epoch_killed_and_resumed_bitwise(tiny_beans, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_cli(train_args(tiny_beans, straight, "--save_every", "2"))
+    # kill right after the mid-epoch checkpoint of step 2 appears (epoch 1 has 3 steps)
+    p = cli(train_args(tiny_beans, broken, "--save_every", "2"))
+    kill_when(p, lambda: is_complete(broken / "checkpoints" / "step_00000002"))
+    assert not (broken / "summary.json").exists(), "the run must have been interrupted"
+    run_cli(train_args(tiny_beans, broken, "--save_every", "2", "--resume", "auto"))
+    a, b = weights(straight), weights(broken)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tiny_beans, tmp_path):
+    for attempt in range(5):
+        out = tmp_path / f"run{attempt}"
+        ckpts = out / "checkpoints"
+        p = cli(train_args(tiny_beans, out, "--save_every", "1"))
+
+        def writing() -> bool:
+            names = os.listdir(ckpts) if ckpts.is_dir() else []
+            return any(n.startswith(".tmp_step_") for n in names) and any(n.startswith("step_") for n in names)
+
+        kill_when(p, writing)
+        if any(n.startswith(".tmp_step_") for n in os.listdir(ckpts)):
+            break  # killed mid-write
+    else:
+        pytest.skip("could not land a kill inside a checkpoint write in 5 tries")
+    last = latest_checkpoint(ckpts)
+    assert last is not None and is_complete(last)
+    run_cli(["export", "--checkpoint", str(last), "--output", str(tmp_path / "exported")])
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    out_text = run_cli(train_args(tiny_beans, out, "--resume", "auto"))
+    assert f"resumed from {last}" in out_text
+
+
+def test_export_loads_in_transformers_pipeline_and_agrees_with_predict(tiny_beans, tmp_path, capsys):
+    from transformers import pipeline
+    out = tmp_path / "run"
+    assert main(train_args(tiny_beans, out)) == 0
+    images = sorted(str(p) for p in (tiny_beans / "test").rglob("*.jpg"))
+    capsys.readouterr()
+    assert main(["predict", "--model", str(out / "model"), "--json", "--top_k", "3", *images]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    pipe = pipeline("image-classification", model=str(out / "model"), device="cpu")
+    for row, theirs in zip(ours, pipe(images, top_k=3)):
+        assert [p["label"] for p in row["predictions"]] == [t["label"] for t in theirs]
+        for p, t in zip(row["predictions"], theirs):
+            assert abs(p["score"] - t["score"]) < 2e-3
+    # and `vitboost eval` on the folder reproduces the run's own final metrics
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out / "model"), "--dataset", str(tiny_beans), "--split", "test",
+                 "--json", "--cache_dir", str(tmp_path / "cache")]) == 0
+    ev = json.loads(capsys.readouterr().out)["test"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert ev["accuracy"] == summary["eval"]["test"]["accuracy"]
+    assert abs(ev["loss"] - summary["eval"]["test"]["loss"]) < 1e-5
+
+
+def test_yaml_config_with_cli_override_is_resolved_and_saved(tiny_beans, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("epochs: 1\nlr: 0.01\nbatch_size: 4\n")
+    out = tmp_path / "run"
+    assert main(train_args(tiny_beans, out, "--config", str(cfg), "--epochs", "1", "-b", "12")) == 0
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lr"] == 1e-3  # train_args passes --lr explicitly: the flag beats the file
+    assert saved["batch_size"] == 12 and saved["epochs"] == 1
+    out2 = tmp_path / "run2"
+    args = [a for a in train_args(tiny_beans, out2, "--config", str(cfg)) if True]
+    i = args.index("--lr")
+    del args[i:i + 2]
+    assert main(args) == 0
+    assert yaml.safe_load((out2 / "config.yaml").read_text())["lr"] == 0.01  # the file beats the default
+
+
+def test_local_pretrained_folder_loads_weights_and_reinitializes_only_the_head(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+    from vitboost.model import build_model
+    src = ViTForImageClassification(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=128, image_size=32, patch_size=8, num_labels=10))
+    src.save_pretrained(tmp_path / "pre")
+    lines: list[str] = []
+    model, pre = build_model(str(tmp_path / "pre"), ["a", "b", "c"], log=lines.append)
+    assert model.classifier.out_features == 3 and pre.image_size == 32
+    s = src.state_dict()
+    for k, v in model.state_dict().items():
+        if not k.startswith("classifier"):
+            assert torch.equal(v, s[k]), k
+    assert any("re-initialized" in l and "classifier.weight" in l for l in lines)

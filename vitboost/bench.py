@@ -1,0 +1,425 @@
+"""`vitboost bench`: training throughput, memory and MFU of one strategy on synthetic data.
+
+Why synthetic data through the trainer's own Engine: the number must be the cost of
+exactly the training step (``forward_backward`` + ``step``) that ``vitboost train`` runs,
+with no data loading or augmentation in it, so strategies compare on equal terms.
+``--peers`` adds, in the same process and with the same batch, what the usual
+alternatives run: plain HF ``ViTForImageClassification`` eager (the HF Trainer's step)
+and timm's ViT under ``torch.compile``.
+
+    vitboost bench --model vit-base -b 256 --compile --peers --json out.json
+    torchrun --nproc_per_node 2 -m vitboost bench --plugin fsdp -b 128 --csv results/bench.csv
+
+Timing: warm-up steps are excluded (the first one, which pays for compilation, is reported
+as ``compile_or_first_step_s``); the timed steps run back to back with no host sync, timed
+by CUDA events on GPU and the host clock on CPU; the slowest rank's time counts.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import gc
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, TrainConfig, make_config
+
+BOOL = argparse.BooleanOptionalAction
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense tensor cores
+FIELDS = ("name", "model", "plugin", "strategy", "world_size", "dp", "tp", "pp", "precision", "batch_size",
+          "global_batch", "steps", "warmup", "img_per_s", "img_per_s_per_gpu", "step_time_ms",
+          "compile_or_first_step_s", "gflop_per_image", "tflops_per_gpu", "mfu", "peak_gib_per_gpu",
+          "host_rss_gib", "compile", "grad_checkpoint", "loss", "device", "torch", "transformers", "date")
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """Same spellings as `vitboost train` for everything that shapes the training step."""
+    a = p.add_argument
+    a("--model", default="vit-base", help="named config (vit-micro ... vit-giant), HF folder or hub id; "
+                                          "always random init (weights do not change the speed)")
+    a("--image_size", type=int)
+    a("--patch_size", type=int)
+    a("--num_labels", type=int, default=1000, help="classifier width (ImageNet-1k by default)")
+    a("-b", "--batch_size", type=int, help="per data-parallel rank (default: train's 16)")
+    a("--plugin", choices=PLUGINS)
+    a("--zero_stage", type=int, choices=(1, 2))
+    a("--tp_size", type=int)
+    a("--pp_size", type=int)
+    a("--microbatch_size", type=int)
+    a("--pp_schedule", choices=PP_SCHEDULES)
+    a("--mixed_precision", choices=PRECISIONS)
+    a("--compile", action=BOOL, default=None)
+    a("--grad_checkpoint", action=BOOL, default=None)
+    a("--device", choices=("auto", "cuda", "cpu"))
+    a("--seed", type=int)
+    a("--steps", type=int, default=20, help="timed steps")
+    a("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, NCCL setup)")
+    a("--peers", action="store_true", help="also time HF eager and timm+torch.compile (single process only)")
+    a("--peak_tflops", type=float, help=f"peak FLOP/s per device for MFU (default {DEFAULT_PEAK_TFLOPS:g} "
+                                        "on CUDA: H100/H200 bf16 dense; none on CPU, so mfu is null)")
+    a("--json", help="write the rows as a JSON list to this file")
+    a("--csv", help="append the rows to this CSV file (header written when new)")
+
+
+# ---------------------------------------------------------------------------------- FLOPs
+def vit_flops_per_image(config: Any) -> float:
+    """Model FLOPs of one training step per image: 3 x forward (backward costs two forwards).
+
+    Forward = 2 x (params that sit in matmuls) x tokens + attention's QK^T and AV (4*L*s^2*h),
+    the usual MFU convention (PaLM / Megatron): norms, softmax and other elementwise work are
+    left out, and activation recomputation is not counted. ViT-B/16 at 224px: ~105.4 GFLOP.
+    """
+    h, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+    p, c = config.patch_size, getattr(config, "num_channels", 3)
+    patches = (config.image_size // p) ** 2
+    s = patches + 1  # + CLS token
+    blocks = 2 * (4 * h * h + 2 * h * mlp) * s * layers + 4 * layers * s * s * h
+    patch_embed = 2 * c * p * p * h * patches
+    head = 2 * h * config.num_labels  # the CLS token only
+    return 3.0 * (blocks + patch_embed + head)
+
+
+# ---------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def time_steps(step: Callable[[], Tensor], steps: int, warmup: int,
+               device: torch.device) -> tuple[float | None, float, Tensor]:
+    """Run ``warmup`` then ``steps`` training steps; return (first step s, timed s, last loss).
+
+    The timed loop never syncs with the host: on GPU, CUDA events bracket it, so the
+    time is the GPU's; on CPU the host clock is the only clock.
+    """
+    first = None
+    loss = torch.zeros(())
+    _barrier()
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        loss = step()
+        if i == 0:
+            _sync(device)
+            first = time.perf_counter() - t0
+    _sync(device)
+    _barrier()
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            loss = step()
+        end.record()
+        end.synchronize()
+        return first, start.elapsed_time(end) / 1e3, loss
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    return first, time.perf_counter() - t0, loss
+
+
+def _host_rss_bytes() -> int:
+    """Resident host memory: what CPU offload (gemini) costs. psutil's current RSS, else peak RSS."""
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        import resource
+        import sys
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def _max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """The slowest rank sets the job's step time; memory is reported for the fullest rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ---------------------------------------------------------------------------------- rows
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"cpu {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: str, world: int, dp: int, tp: int,
+             pp: int, batch_size: int, steps: int, warmup: int, first_s: float | None, elapsed_s: float,
+             flops_per_image: float, peak_tflops: float | None, peak_bytes: float | None, rss_bytes: float,
+             compile: bool, grad_checkpoint: bool, loss: float, device: torch.device) -> dict[str, Any]:
+    """One result. global_batch counts each image once: batch_size x dp (TP/PP ranks share images)."""
+    import transformers
+    global_batch = batch_size * dp
+    img_per_s = global_batch * steps / elapsed_s
+    achieved = flops_per_image * img_per_s / world  # FLOP/s per device
+    return {
+        "name": name, "model": model, "plugin": plugin, "strategy": strategy, "world_size": world,
+        "dp": dp, "tp": tp, "pp": pp, "precision": precision, "batch_size": batch_size,
+        "global_batch": global_batch, "steps": steps, "warmup": warmup,
+        "img_per_s": round(img_per_s, 2), "img_per_s_per_gpu": round(img_per_s / world, 2),
+        "step_time_ms": round(elapsed_s / steps * 1e3, 3),
+        "compile_or_first_step_s": None if first_s is None else round(first_s, 3),
+        "gflop_per_image": round(flops_per_image / 1e9, 3),
+        "tflops_per_gpu": round(achieved / 1e12, 3),
+        "mfu": None if not peak_tflops else round(achieved / (peak_tflops * 1e12), 4),
+        "peak_gib_per_gpu": None if peak_bytes is None else round(peak_bytes / 2**30, 3),
+        "host_rss_gib": round(rss_bytes / 2**30, 3),
+        "compile": compile, "grad_checkpoint": grad_checkpoint, "loss": round(loss, 5),
+        "device": _device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = [("name", "name"), ("strategy", "strategy"), ("world_size", "gpus"), ("precision", "prec"),
+            ("global_batch", "batch"), ("img_per_s", "img/s"), ("img_per_s_per_gpu", "img/s/gpu"),
+            ("step_time_ms", "step ms"), ("compile_or_first_step_s", "first s"), ("mfu", "mfu"),
+            ("peak_gib_per_gpu", "peak GiB"), ("host_rss_gib", "rss GiB")]
+    cell = lambda v: "-" if v is None else f"{v:,.1f}" if isinstance(v, float) and v >= 100 else str(v)  # noqa: E731
+    table = [[h for _, h in cols]] + [[cell(r[k]) for k, _ in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in table)
+
+
+def write_json(rows: list[dict[str, Any]], path: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def append_csv(rows: list[dict[str, Any]], path: str) -> None:
+    """Append, keeping an existing file's header so a long-lived results file stays one table."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = list(FIELDS)
+    new = not p.exists() or p.stat().st_size == 0
+    if not new:
+        with p.open(newline="") as f:
+            fields = next(csv.reader(f), fields)
+        missing = [k for k in FIELDS if k not in fields]
+        if missing:
+            print(f"note: {p} has an older header; not writing columns {', '.join(missing)}")
+    with p.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore", restval="")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------- runs
+def synthetic_batch(batch: int, pre: Any, num_labels: int, device: torch.device,
+                    seed: int) -> tuple[Tensor, Tensor]:
+    """Random uint8 images, normalized on the device as the trainer does; random labels.
+
+    Seeded by data-parallel rank, so the TP / PP ranks of one replica see the same images.
+    """
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (batch, 3, pre.image_size, pre.image_size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, num_labels, (batch,), generator=g)
+    mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
+    x = (raw.to(device).float() / 255 - mean) / std
+    return x, labels.to(device)
+
+
+def _strategy_label(cfg: TrainConfig, plugin: str, dims: Any, mb: int | None) -> str:
+    parts = [plugin]
+    if plugin == "low_level_zero":
+        parts.append(f"zero{cfg.zero_stage}")
+    if dims.tp > 1:
+        parts.append(f"tp{dims.tp}")
+    if dims.pp > 1:
+        parts.append(f"pp{dims.pp} mb{mb} {cfg.pp_schedule}")
+    if cfg.compile:
+        parts.append("+compile")
+    if cfg.grad_checkpoint:
+        parts.append("+ckpt")
+    return " ".join(parts)
+
+
+def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.device, rank: int,
+                   world: int) -> tuple[dict[str, Any], Any, Any, tuple[Tensor, Tensor]]:
+    """Time the Engine the trainer builds; returns (row, model config, preprocess, batch) for the peers."""
+    from .augment import soft_cross_entropy
+    from .engine import Engine
+    from .model import build_model
+    from .parallel.dims import ParallelDims
+    from .parallel.plan import make_plan
+    from .train import _check_layout
+
+    say = print if rank == 0 else (lambda *a, **k: None)
+    dims = ParallelDims(world, tp=cfg.tp_size, pp=cfg.pp_size)
+    dims.build_mesh(device.type)
+    dp_rank = dims.mesh["dp"].get_local_rank()
+    torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP / TP do not broadcast)
+    model, pre = build_model(cfg.model, [str(i) for i in range(args.num_labels)], pretrained="none",
+                             image_size=cfg.image_size, patch_size=cfg.patch_size, log=say)
+    _check_layout(cfg, model, dims)
+    config = copy.deepcopy(model.config)
+    c = model.config
+    plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()),
+                     (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, (c.image_size // c.patch_size) ** 2 + 1))
+    if plan.reason:
+        say(plan.reason)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine = Engine(model, cfg, dims, plan, device, soft_cross_entropy)
+    mb = (cfg.microbatch_size or max(1, cfg.batch_size // (2 * dims.pp))) if dims.pp > 1 else None
+    strategy = _strategy_label(cfg, plan.plugin, dims, mb)
+    say(f"bench: {strategy} (dp={dims.dp} tp={dims.tp} pp={dims.pp}, {plan.precision}) on {world} x {device.type}, "
+        f"batch {cfg.batch_size}/dp rank, {args.warmup} warm-up + {args.steps} timed steps")
+    x, y = synthetic_batch(cfg.batch_size, pre, args.num_labels, device, seed=cfg.seed + dp_rank)
+
+    def step() -> Tensor:
+        loss = engine.forward_backward(x, y)
+        engine.step()
+        return loss
+
+    first, elapsed, loss = time_steps(step, args.steps, args.warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1.0
+    elapsed, first_m, peak, rss = _max_over_ranks([elapsed, -1.0 if first is None else first, peak,
+                                                   _host_rss_bytes()], device)
+    row = make_row(name="vitboost", model=cfg.model, plugin=plan.plugin, strategy=strategy, precision=plan.precision,
+                   world=world, dp=dims.dp, tp=dims.tp, pp=dims.pp, batch_size=cfg.batch_size, steps=args.steps,
+                   warmup=args.warmup, first_s=None if first is None else first_m, elapsed_s=elapsed,
+                   flops_per_image=vit_flops_per_image(config), peak_tflops=_peak(args, device),
+                   peak_bytes=None if peak < 0 else peak, rss_bytes=rss, compile=cfg.compile,
+                   grad_checkpoint=cfg.grad_checkpoint, loss=float(loss), device=device)
+    return row, config, pre, (x, y)
+
+
+def _peak(args: argparse.Namespace, device: torch.device) -> float | None:
+    if args.peak_tflops is not None:
+        return args.peak_tflops or None
+    return DEFAULT_PEAK_TFLOPS if device.type == "cuda" else None
+
+
+def _plain_step(model: torch.nn.Module, forward: Callable[[], Tensor], lr: float, device: torch.device,
+                dtype: torch.dtype | None) -> Callable[[], Tensor]:
+    """What the HF Trainer does per step: autocast forward, backward, clip to 1.0, AdamW, zero grads."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> Tensor:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = forward()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def bench_peer(name: str, config: Any, batch: tuple[Tensor, Tensor], cfg: TrainConfig, args: argparse.Namespace,
+               device: torch.device) -> dict[str, Any]:
+    """One peer: plain HF eager (``hf_eager``) or timm + torch.compile (``timm_compile``)."""
+    x, y = batch
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(cfg.seed)
+    if name == "hf_eager":
+        from transformers import ViTForImageClassification
+        model = ViTForImageClassification(copy.deepcopy(config)).to(device).train()
+        step = _plain_step(model, lambda: model(pixel_values=x, labels=y).loss, cfg.lr, device, dtype)
+        strategy, compiled = "HF ViTForImageClassification eager + AdamW", False
+    else:
+        import timm
+        h = config.hidden_size
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=config.num_labels,
+                                  img_size=config.image_size, patch_size=config.patch_size, embed_dim=h,
+                                  depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                                  mlp_ratio=config.intermediate_size / h).to(device).train()
+        fast = torch.compile(model)
+        step = _plain_step(model, lambda: F.cross_entropy(fast(x).float(), y), cfg.lr, device, dtype)
+        strategy, compiled = "timm VisionTransformer + torch.compile + AdamW", True
+    first, elapsed, loss = time_steps(step, args.steps, args.warmup, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return make_row(name=name, model=cfg.model, plugin="none", strategy=strategy,
+                    precision="bf16" if dtype else "fp32", world=1, dp=1, tp=1, pp=1, batch_size=cfg.batch_size,
+                    steps=args.steps, warmup=args.warmup, first_s=first, elapsed_s=elapsed,
+                    flops_per_image=vit_flops_per_image(config), peak_tflops=_peak(args, device),
+                    peak_bytes=peak, rss_bytes=_host_rss_bytes(), compile=compiled, grad_checkpoint=False,
+                    loss=float(loss), device=device)
+
+
+def _peer_rows(config: Any, batch: tuple[Tensor, Tensor], cfg: TrainConfig, args: argparse.Namespace,
+               device: torch.device) -> list[dict[str, Any]]:
+    import importlib.util
+    rows = []
+    for name in ("hf_eager", "timm_compile"):
+        if name == "timm_compile" and importlib.util.find_spec("timm") is None:
+            print("peers: timm is not installed; no timm_compile row (pip install timm)")
+            continue
+        _free(device)
+        print(f"bench: peer {name}")
+        try:
+            rows.append(bench_peer(name, config, batch, cfg, args, device))
+        except Exception as e:  # a peer's failure (OOM, compile error) must not lose the main result
+            print(f"peers: {name} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return rows
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .parallel.dims import init_distributed, world_info
+    from .train import pick_device
+
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    if args.num_labels < 1:
+        raise ConfigError(f"--num_labels must be >= 1, got {args.num_labels}")
+    keys = ("model", "image_size", "patch_size", "batch_size", "plugin", "zero_stage", "tp_size", "pp_size",
+            "microbatch_size", "pp_schedule", "mixed_precision", "compile", "grad_checkpoint", "device", "seed")
+    cfg = make_config({"pretrained": "none", **{k: getattr(args, k) for k in keys}})
+    rank, local_rank, world = world_info()
+    device = pick_device(cfg.device, local_rank)
+    owns_group = not dist.is_initialized()
+    init_distributed(device.type)
+    try:
+        row, config, _, batch = bench_vitboost(cfg, args, device, rank, world)
+        rows = [row]
+        if args.peers:
+            if world > 1:
+                if rank == 0:
+                    print(f"peers: skipped under {world} processes (they run single-process; "
+                          f"run `vitboost bench --peers` without torchrun)")
+            else:
+                rows += _peer_rows(config, batch, cfg, args, device)
+        if rank == 0:
+            print(format_table(rows))
+            if args.json:
+                write_json(rows, args.json)
+            if args.csv:
+                append_csv(rows, args.csv)
+        _barrier()
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

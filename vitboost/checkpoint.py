@@ -1,0 +1,100 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): save under one layout, resume under another.
+
+Model and optimizer state are keyed by the HF parameter names (optimizer state flattened per
+parameter), so a checkpoint written by a pp=2 job, each rank holding half the blocks, loads
+into a single process and the other way round. Every checkpoint is written to a hidden
+temporary folder and renamed when complete: a kill mid-write leaves the previous one intact.
+
+    <output>/checkpoints/step_00000120/
+        .metadata, __0_0.distcp ...   DCP shards: {"model": ..., "optim": ...}
+        trainer.pt                    step, epoch, position in the epoch, scheduler, scaler, layout
+        rng_<rank>.pt                 per-rank RNG (torch, cuda, augmentation) for bitwise resume
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+PREFIX, TMP_PREFIX = "step_", ".tmp_step_"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_complete(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / "trainer.pt").is_file()
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under root (temporary folders are ignored)."""
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and is_complete(p))
+    return done[-1] if done else None
+
+
+def save_checkpoint(root: Path, step: int, engine, trainer_state: dict, rng_state: dict, keep: int = 2) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"{PREFIX}{step:08d}", root / f"{TMP_PREFIX}{step:08d}"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = {"model": engine.model_state(), "optim": _optim_state(engine)}
+    dcp.save(state, checkpoint_id=tmp)
+    torch.save(rng_state, tmp / f"rng_{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        torch.save(trainer_state, tmp / "trainer.pt")
+        os.sync() if hasattr(os, "sync") else None
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def _optim_state(engine) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    opt, model = engine.optimizer_and_model()
+    return get_optimizer_state_dict(model, opt, options=FLAT)
+
+
+def load_checkpoint(path: Path, engine) -> tuple[dict, dict | None]:
+    """Load model + optimizer into the engine; return (trainer_state, this rank's RNG state or None)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    state = {"model": engine.model_state(), "optim": _optim_state(engine)}
+    dcp.load(state, checkpoint_id=path)
+    engine.load_model_state(state["model"])
+    opt, model = engine.optimizer_and_model()
+    set_optimizer_state_dict(model, opt, state["optim"], options=FLAT)
+    trainer_state = torch.load(path / "trainer.pt", weights_only=True)
+    rng_file = path / f"rng_{_rank()}.pt"
+    same_layout = trainer_state.get("world_size") == (dist.get_world_size() if dist.is_initialized() else 1)
+    rng = torch.load(rng_file, weights_only=True) if same_layout and rng_file.is_file() else None
+    return trainer_state, rng
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Single process, no process group: fill a plain HF model from a checkpoint (for export/eval)."""
+    import warnings
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    model.load_state_dict(state["model"])

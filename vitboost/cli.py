@@ -1,0 +1,158 @@
+"""`vitboost` command line: train, eval, predict, export, bench.
+
+Flag names follow timm / HF Trainer (--model --dataset -b --lr --epochs --output); the
+ColossalAI ViT example's spellings work as aliases. Bad input ends in one line on stderr
+and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, make_config
+
+BOOL = argparse.BooleanOptionalAction
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--config", help="YAML file of options; flags given here override it")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", "--model_name_or_path", dest="model",
+                   help="hub id (google/vit-base-patch16-224), local HF folder, or named config "
+                        "(vit-micro, vit-tiny, vit-small, vit-base, vit-large, vit-huge, vit-giant)")
+    g.add_argument("--pretrained", choices=("auto", "true", "none"), help="auto: load weights when --model has them")
+    g.add_argument("--dataset", help="hub id (beans), imagefolder dir (data/beans), parquet file or dir")
+    g.add_argument("--image_size", type=int)
+    g.add_argument("--patch_size", type=int)
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--cache_dir")
+    g.add_argument("--skip_bad_images", action=BOOL, default=None)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", "--num_epoch", dest="epochs", type=int)
+    g.add_argument("--max_steps", type=int)
+    g.add_argument("-b", "--batch_size", type=int, help="per data-parallel rank")
+    g.add_argument("--grad_accum", type=int)
+    g.add_argument("--lr", "--learning_rate", dest="lr", type=float, help="peak learning rate (not scaled by world size)")
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--warmup_ratio", type=float)
+    g.add_argument("--max_grad_norm", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--augment", choices=("none", "light", "strong"))
+    g.add_argument("--mixup", type=float)
+    g.add_argument("--cutmix", type=float)
+    g.add_argument("--label_smoothing", type=float)
+    g = p.add_argument_group("strategy")
+    g.add_argument("--plugin", choices=PLUGINS)
+    g.add_argument("--zero_stage", type=int, choices=(1, 2))
+    g.add_argument("--tp_size", type=int)
+    g.add_argument("--pp_size", type=int)
+    g.add_argument("--microbatch_size", type=int)
+    g.add_argument("--pp_schedule", choices=PP_SCHEDULES)
+    g.add_argument("--mixed_precision", choices=PRECISIONS)
+    g.add_argument("--grad_checkpoint", action=BOOL, default=None)
+    g.add_argument("--compile", action=BOOL, default=None)
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"))
+    g = p.add_argument_group("evaluation, logging, checkpoints")
+    g.add_argument("--eval_batch_size", type=int)
+    g.add_argument("--log_every", type=int)
+    g.add_argument("--save_every", type=int)
+    g.add_argument("--keep_checkpoints", type=int)
+    g.add_argument("--output", "--output_path", dest="output")
+    g.add_argument("--resume", help="auto (latest in --output) or a checkpoint folder")
+    g.add_argument("--overwrite", action=BOOL, default=None)
+    g.add_argument("--plot", action=BOOL, default=None)
+    g.add_argument("--export", action=BOOL, default=None)
+    g.add_argument("--progress", action=BOOL, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitboost", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_args(sub.add_parser("train", help="fine-tune a ViT (launch with torchrun for several GPUs)"))
+
+    p = sub.add_parser("eval", help="evaluate a trained model folder on a dataset split")
+    p.add_argument("--model", required=True, help="HF folder (e.g. runs/latest/model) or hub id")
+    p.add_argument("--dataset", default="data/beans")
+    p.add_argument("--split", default="all", help="validation, test, train or all")
+    p.add_argument("-b", "--batch_size", type=int, default=64)
+    p.add_argument("--cache_dir", default="~/.cache/vitboost")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("predict", help="top-k labels for images")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True)
+    p.add_argument("--top_k", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export", help="write a checkpoint as an HF save_pretrained folder (safetensors)")
+    p.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a step_* folder")
+    p.add_argument("--output", required=True)
+
+    from .bench import add_bench_args
+    add_bench_args(sub.add_parser("bench", help="throughput / memory / MFU on synthetic data"))
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    cfg = make_config(overrides, args.config)
+    from .train import run
+    run(cfg)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .predict import evaluate_folder
+    results = evaluate_folder(args.model, args.dataset, args.split, batch_size=args.batch_size,
+                              cache_dir=args.cache_dir, device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for split, m in results.items():
+            print(f"eval accuracy: {m['accuracy']:.4f} ({split}, {m['num_samples']} images), loss {m['loss']:.4f}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import Predictor
+    rows = Predictor(args.model, device=args.device).predict(args.images, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(row["image"] + ": " + ", ".join(f"{p['label']} {p['score']:.3f}" for p in row["predictions"]))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .predict import export_checkpoint
+    out = export_checkpoint(Path(args.checkpoint), Path(args.output))
+    print(f"exported {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    from .model import ModelError
+    from .parallel.dims import LayoutError
+    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
+    try:
+        if args.command == "bench":
+            from .bench import run_bench
+            return run_bench(args)
+        return handlers[args.command](args)
+    except (ConfigError, DataError, ModelError, LayoutError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

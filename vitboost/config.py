@@ -1,0 +1,133 @@
+"""The run configuration: one dataclass, defaults visible, YAML in, YAML out.
+
+Precedence is defaults < ``--config run.yaml`` < command-line flags. The resolved
+config is written next to the run's outputs so every number can be reproduced.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PLUGINS = ("torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel", "fsdp", "auto")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the fix."""
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "google/vit-base-patch16-224"  # hub id, local HF folder, or a named config (vit-tiny ...)
+    pretrained: str = "auto"  # auto: load weights for hub ids / folders; none: random init from the config
+    dataset: str = "beans"  # hub id, imagefolder dir, parquet file/dir
+    image_size: int | None = None  # override the model's input size (named configs only)
+    patch_size: int | None = None  # override the patch size (named configs only)
+    dropout: float = 0.0
+    # optimisation (batch_size is per data-parallel rank, as in the ColossalAI example)
+    epochs: int = 3
+    max_steps: int | None = None  # stop after this many optimizer steps (benchmarks, smoke tests)
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.3
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    # augmentation (vitboost.augment presets: none, light, strong) and overrides
+    augment: str = "none"
+    mixup: float | None = None
+    cutmix: float | None = None
+    label_smoothing: float | None = None
+    # strategy
+    plugin: str = "torch_ddp"
+    zero_stage: int = 1
+    tp_size: int = 1
+    pp_size: int = 1
+    microbatch_size: int | None = None  # pipeline microbatch; default: batch_size // (2 * pp_size)
+    pp_schedule: str = "1F1B"
+    mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    grad_checkpoint: bool = False
+    compile: bool = False
+    device: str = "auto"
+    # evaluation, logging, checkpoints
+    eval_batch_size: int = 64
+    eval_every_epoch: bool = True
+    log_every: int = 10
+    save_every: int = 0  # also checkpoint every N optimizer steps (0: only at epoch ends)
+    keep_checkpoints: int = 2
+    output: str = "runs/latest"
+    resume: str | None = None  # "auto" or a checkpoint folder
+    overwrite: bool = False
+    cache_dir: str = "~/.cache/vitboost"
+    skip_bad_images: bool = False
+    plot: bool = False
+    export: bool = True  # write an HF save_pretrained folder to <output>/model at the end
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the summary
+
+    def validate(self) -> None:
+        if self.plugin not in PLUGINS:
+            raise ConfigError(f"unknown --plugin {self.plugin!r}; choose one of {', '.join(PLUGINS)}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ConfigError(f"unknown --mixed_precision {self.mixed_precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(f"unknown --pp_schedule {self.pp_schedule!r}; choose one of {', '.join(PP_SCHEDULES)}")
+        if self.zero_stage not in (1, 2):
+            raise ConfigError(f"--zero_stage must be 1 or 2 (use --plugin fsdp for stage 3), got {self.zero_stage}")
+        if (self.tp_size > 1 or self.pp_size > 1) and self.plugin not in ("hybrid_parallel", "auto"):
+            raise ConfigError(f"--tp_size/--pp_size need --plugin hybrid_parallel (got --plugin {self.plugin})")
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size", "tp_size", "pp_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        tmp.replace(path)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run YAML; unknown keys are an error (typos must not be silently ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing YAML to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}; fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must be a mapping of option: value")
+    unknown = sorted(set(data) - FIELDS)
+    if unknown:
+        raise ConfigError(f"config file {p} has unknown option(s) {', '.join(unknown)}; see `vitboost train --help`")
+    return data
+
+
+def make_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """defaults < YAML file < explicit overrides (None values mean 'not given')."""
+    values: dict[str, Any] = {}
+    if config_file:
+        values.update(load_yaml(config_file))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg

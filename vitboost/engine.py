@@ -1,0 +1,202 @@
+"""Engine: runs any strategy behind a handful of calls, so the training loop never asks which.
+
+    loss = engine.forward_backward(images, targets, accum=1, sync=True)
+    grad_norm = engine.step()
+    logits = engine.logits(images)          # eval, full logits on every rank
+    engine.model_state() / optim_state()    # FQN-keyed, for torch.distributed.checkpoint
+
+Pipeline parallel is the one place the mechanics differ (a schedule drives forward and
+backward over microbatches); that difference lives here, not in the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from .config import ConfigError, TrainConfig
+from .parallel.dims import ParallelDims
+from .parallel.parallelize import parallelize
+from .parallel.plan import Plan
+from .parallel.zero import zero1_optimizer
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and the CLS token (as timm/DeiT)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "position_embeddings" in name or "cls_token" in name
+        (no_decay if skip else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def clip_grad_norm_(params: list[Tensor], max_norm: float, pp_group: dist.ProcessGroup | None) -> Tensor:
+    """Global grad-norm clipping that is right under FSDP/TP (DTensor grads) and PP (each rank
+    holds only its stages' grads, so the squared norms are summed across the pipeline)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if pp_group is not None:
+        total = total ** 2
+        dist.all_reduce(total, group=pp_group)
+        total = total.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+class Engine:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, dims: ParallelDims, plan: Plan,
+                 device: torch.device, loss_fn: LossFn):
+        self.cfg, self.dims, self.plan, self.device, self.loss_fn = cfg, dims, plan, device, loss_fn
+        mesh = dims.mesh
+        self.runner = None
+        stages = None
+        if dims.pp_enabled:
+            from .parallel.pipeline import split_model
+            per_rank = 2 if cfg.pp_schedule == "Interleaved1F1B" else 1
+            model, stages = split_model(model, mesh["pp"].get_local_rank(), dims.pp, stages_per_rank=per_rank)
+        if not plan.cpu_offload:
+            model.to(device)
+        self.model = parallelize(model, dims, plan, device, grad_checkpoint=cfg.grad_checkpoint,
+                                 compile=cfg.compile)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._build_optimizer()
+        self.scaler = self._build_scaler()
+        self._accum = 1
+        if stages is not None:
+            from .parallel.pipeline import PipelineRunner
+            mb = cfg.microbatch_size or max(1, cfg.batch_size // (2 * dims.pp))
+            if cfg.batch_size % mb:
+                raise ConfigError(f"--batch_size {cfg.batch_size} (per data-parallel rank) is not divisible by "
+                                  f"--microbatch_size {mb}; the global batch must be a multiple of dp*microbatch")
+            self.runner = PipelineRunner(self.model, stages, mesh["pp"], device, cfg.batch_size // mb,
+                                         cfg.pp_schedule, loss_fn=self._pp_loss)
+        self.pp_group = mesh["pp"].get_group() if dims.pp_enabled else None
+
+    # -- construction -------------------------------------------------------------------
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.model, self.cfg.weight_decay)
+        kw: dict = dict(lr=self.cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        if self.device.type == "cuda" or self.plan.cpu_offload:
+            # fused: one kernel for all params on GPU; on CPU (gemini) a vectorized, multi-threaded step
+            kw["fused"] = True
+        if self.plan.zero1:
+            return zero1_optimizer(groups, self.dims.mesh["dp"], **kw)
+        return torch.optim.AdamW(groups, **kw)
+
+    def _build_scaler(self):
+        if self.plan.precision != "fp16":
+            return None
+        if self.plan.data_parallel == "fsdp" or self.dims.pp_enabled or self.dims.tp_enabled:
+            # sharded grads: every rank must agree on inf/nan, so the check is all-reduced
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            return ShardedGradScaler(init_scale=2.0 ** 16, process_group=dist.group.WORLD)
+        return torch.amp.GradScaler(self.device.type)
+
+    def autocast(self):
+        if self.plan.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.plan.dtype)
+
+    # -- training -----------------------------------------------------------------------
+    def _pp_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        loss = self.loss_fn(logits.float(), targets) / self._accum
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def _no_sync(self, sync: bool):
+        if sync:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):  # DDP
+            return self.model.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+
+    def forward_backward(self, images: Tensor, targets: Tensor, accum: int = 1, sync: bool = True) -> Tensor:
+        """Accumulate the gradient of mean_loss/accum for this rank's batch; returns mean_loss (detached)."""
+        self.model.train()
+        self._accum = accum
+        if sync and hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(True)
+        with self._no_sync(sync):
+            if self.runner is not None:
+                with self.autocast():
+                    loss = self.runner.step(images, targets)
+                if self.scaler is not None:
+                    loss = loss / self.scaler._scale.to(loss.device)
+                return loss * accum
+            with self.autocast():
+                logits = self.model(pixel_values=images).logits
+            loss = self.loss_fn(logits.float(), targets)
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        return loss.detach()
+
+    def step(self) -> Tensor:
+        """Clip, step, zero grads. Returns the global grad norm (a device tensor: no host sync)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = clip_grad_norm_(self.params, self.cfg.max_grad_norm, self.pp_group)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # -- evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, images: Tensor) -> Tensor:
+        self.model.eval()
+        with self.autocast():
+            if self.runner is not None:
+                out = self.runner.forward(images)
+            else:
+                model = getattr(self.model, "module", self.model)  # skip DDP's wrapper in eval
+                out = model(pixel_values=images).logits
+        return out.float()
+
+    # -- checkpoint state -----------------------------------------------------------------
+    def model_state(self) -> dict[str, Tensor]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(self.model)
+
+    def load_model_state(self, state: dict[str, Tensor]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        set_model_state_dict(self.model, state)
+
+    def optimizer_and_model(self):
+        """What DCP's get/set_optimizer_state_dict need. ZeRO-1: the rank's local AdamW, which
+        holds the states of the params this rank owns (saved keyed by FQN, merged on load)."""
+        return (self.optimizer.optim if self.plan.zero1 else self.optimizer), self.model
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,
+                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup for warmup_ratio of the steps, then cosine decay to min_ratio * lr."""
+    warmup = int(total_steps * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,169 @@
+"""Build the ViT: from the hub, from a local HF folder, or from a named config.
+
+Whatever the source, the classifier head is fitted to the dataset's labels and the
+preprocessing (input size, mean, std) comes from the model's own image-processor
+config, so fine-tuning sees exactly what the pretrained weights were trained on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# name: (hidden, layers, heads, mlp, patch, image)
+NAMED_CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
+    "vit-micro": (64, 2, 4, 128, 8, 32),  # for tests: seconds on a CPU
+    "vit-tiny": (192, 12, 3, 768, 16, 224),
+    "vit-small": (384, 12, 6, 1536, 16, 224),
+    "vit-base": (768, 12, 12, 3072, 16, 224),
+    "vit-large": (1024, 24, 16, 4096, 16, 224),
+    "vit-huge": (1280, 32, 16, 5120, 14, 224),
+    "vit-giant": (1408, 40, 16, 6144, 14, 224),  # ViT-g/14, ~1.0B params
+}
+
+
+class ModelError(ValueError):
+    """A model that cannot be built; the message names the fix."""
+
+
+@dataclass
+class Preprocess:
+    """What the image processor does, in numbers (applied on the device)."""
+    image_size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resample: str = "bilinear"
+
+    def to_hf(self) -> dict:
+        """A ViTImageProcessor config, so exported folders work in transformers.pipeline."""
+        return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+                "size": {"height": self.image_size, "width": self.image_size},
+                "resample": 3 if self.resample == "bicubic" else 2,
+                "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                "image_mean": list(self.mean), "image_std": list(self.std)}
+
+
+def _read_preprocess(folder: Path, image_size: int) -> Preprocess:
+    p = folder / "preprocessor_config.json"
+    if not p.is_file():
+        return Preprocess(image_size)
+    cfg = json.loads(p.read_text())
+    size = cfg.get("size", image_size)
+    if isinstance(size, dict):
+        size = size.get("height", size.get("shortest_edge", image_size))
+    resample = "bicubic" if cfg.get("resample") == 3 else "bilinear"
+    return Preprocess(int(size), tuple(cfg.get("image_mean", (0.5,) * 3)), tuple(cfg.get("image_std", (0.5,) * 3)), resample)
+
+
+def named_config(name: str, num_labels: int, image_size: int | None = None, patch_size: int | None = None,
+                 dropout: float = 0.0):
+    from transformers import ViTConfig
+    hidden, layers, heads, mlp, patch, image = NAMED_CONFIGS[name]
+    return ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=mlp, patch_size=patch_size or patch, image_size=image_size or image,
+                     num_labels=num_labels, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+
+
+def _hub_error(name: str, err: Exception) -> ModelError:
+    base = name.rsplit("/", 1)[-1]
+    guess = "vit-base" if "base" in base else "vit-large" if "large" in base else "vit-huge" if "huge" in base else "vit-small"
+    return ModelError(f"cannot load model {name!r} from the Hugging Face hub (offline or unreachable: "
+                      f"{type(err).__name__}); pass a local HF folder with --model PATH, or train from random "
+                      f"init with --model {guess} --pretrained none")
+
+
+def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", image_size: int | None = None,
+                patch_size: int | None = None, dropout: float = 0.0, log=print) -> tuple[nn.Module, Preprocess]:
+    """Return (ViTForImageClassification with a head for ``label_names``, its preprocessing)."""
+    from transformers import AutoConfig, ViTForImageClassification
+
+    n = len(label_names)
+    id2label = {i: l for i, l in enumerate(label_names)}
+    label2id = {l: i for i, l in id2label.items()}
+    if pretrained not in ("auto", "none", "true"):
+        raise ModelError(f"--pretrained must be auto, true or none, got {pretrained!r}")
+
+    if name in NAMED_CONFIGS:
+        if pretrained == "true":
+            raise ModelError(f"{name!r} is a named config without weights; use --pretrained none or a hub id / folder")
+        config = named_config(name, n, image_size, patch_size, dropout)
+        config.id2label, config.label2id = id2label, label2id
+        model = ViTForImageClassification(config)
+        log(f"model: {name} (random init, {_count(model) / 1e6:.1f}M params, {config.image_size}px, patch {config.patch_size})")
+        return model, Preprocess(config.image_size)
+
+    folder = Path(name).expanduser()
+    is_local = folder.exists()
+    if is_local and not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder} has no config.json; pass an HF save_pretrained folder or a "
+                         f"named config ({', '.join(NAMED_CONFIGS)})")
+    if not is_local and ("/" not in name or name.startswith((".", "/", "~"))):
+        raise ModelError(f"unknown --model {name!r}: not a folder, not a hub id (org/name), not a named config "
+                         f"({', '.join(NAMED_CONFIGS)})")
+    if image_size or patch_size:
+        raise ModelError("--image_size/--patch_size only apply to named configs; pretrained models keep their own")
+    kw = dict(num_labels=n, id2label=id2label, label2id=label2id, hidden_dropout_prob=dropout,
+              attention_probs_dropout_prob=dropout)
+    try:
+        if pretrained == "none":
+            config = AutoConfig.from_pretrained(name, **kw)
+            model = ViTForImageClassification(config)
+            log(f"model: {name} config, random init ({_count(model) / 1e6:.1f}M params)")
+        else:
+            hf_log = logging.getLogger("transformers.modeling_utils")
+            level = hf_log.level
+            hf_log.setLevel(logging.ERROR)  # we print our own one-line note about the new head
+            try:
+                model, info = ViTForImageClassification.from_pretrained(
+                    name, ignore_mismatched_sizes=True, output_loading_info=True, **kw)
+            finally:
+                hf_log.setLevel(level)
+            fresh = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k
+                                                                for k in info.get("mismatched_keys", [])})
+            log(f"model: {name} (pretrained, {_count(model) / 1e6:.1f}M params)")
+            if fresh:
+                log(f"re-initialized for {n} labels: {', '.join(fresh)}")
+    except (OSError, ConnectionError, TimeoutError) as e:
+        if is_local:
+            raise ModelError(f"cannot read model folder {folder}: {e}".splitlines()[0]) from None
+        raise _hub_error(name, e) from None
+    except ValueError as e:
+        raise ModelError(f"cannot build model {name!r}: {str(e).splitlines()[0]}") from None
+    if model.config.model_type != "vit":
+        raise ModelError(f"{name!r} is a {model.config.model_type!r} model; vitboost trains ViT (model_type 'vit')")
+    pre = _read_preprocess(folder, model.config.image_size) if is_local else _hub_preprocess(name, model.config.image_size)
+    return model, pre
+
+
+def _hub_preprocess(name: str, image_size: int) -> Preprocess:
+    try:
+        from huggingface_hub import hf_hub_download
+        return _read_preprocess(Path(hf_hub_download(name, "preprocessor_config.json")).parent, image_size)
+    except Exception:  # weights loaded but no processor config: ViT defaults
+        return Preprocess(image_size)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def export_pretrained(model: nn.Module, pre: Preprocess, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write an HF folder (config + safetensors + preprocessor config) atomically: tmp name, then rename."""
+    import shutil
+    out = Path(out)
+    from transformers.utils import logging as hf_logging
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(tmp, state_dict=state_dict)
+    (tmp / "preprocessor_config.json").write_text(json.dumps(pre.to_hf(), indent=2))
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

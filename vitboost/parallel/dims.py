@@ -1,0 +1,93 @@
+"""ParallelDims: one object that checks a layout and builds the named DeviceMesh.
+
+Modelled on torchtitan: the world is dp x pp x tp (outermost to innermost, so TP
+ranks are neighbours and share the fastest links). Any dimension of size 1 is
+still present in the mesh, so code can always ask for ``mesh["dp"]``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message says how to fix it."""
+
+
+@dataclass
+class ParallelDims:
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    dp: int = -1  # -1: inferred as world_size // (tp * pp)
+    _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"--{name}_size must be >= 1, got {getattr(self, name)}")
+        if self.dp == -1:
+            if self.world_size % (self.tp * self.pp):
+                raise LayoutError(
+                    f"world size {self.world_size} is not divisible by tp_size*pp_size = "
+                    f"{self.tp}*{self.pp}; launch a multiple of {self.tp * self.pp} processes "
+                    f"(torchrun --nproc_per_node) or change --tp_size/--pp_size")
+            self.dp = self.world_size // (self.tp * self.pp)
+        if self.dp * self.tp * self.pp != self.world_size:
+            raise LayoutError(
+                f"dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = {self.dp * self.tp * self.pp} "
+                f"but world size is {self.world_size}; make them equal")
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """Named mesh ("dp", "pp", "tp"); needs an initialised process group."""
+        if self._mesh is None:
+            self._mesh = init_device_mesh(device_type, (self.dp, self.pp, self.tp),
+                                          mesh_dim_names=("dp", "pp", "tp"))
+        return self._mesh
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        if self._mesh is None:
+            raise RuntimeError("call build_mesh() first")
+        return self._mesh
+
+
+def world_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment, or (0, 0, 1)."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 0, 1
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+
+
+def init_distributed(device_type: str) -> None:
+    """Initialise the default process group once (nccl on CUDA, gloo on CPU).
+
+    A single process without torchrun gets a one-rank group on an in-memory store, so the
+    same mesh, FSDP and checkpoint code runs everywhere with no special case.
+    """
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    _, local_rank, world = world_info()
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if "WORLD_SIZE" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend)

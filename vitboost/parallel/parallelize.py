@@ -1,0 +1,37 @@
+"""The one place where a model becomes parallel, always in the same order (as torchtitan):
+
+    tensor parallel -> activation checkpointing -> torch.compile -> FSDP2 / DDP
+
+TP first, because it rewrites the linears that the others wrap; activation checkpointing
+and compile per block, so that FSDP's per-block units see compiled, checkpointed blocks;
+data parallel last, because it must see the final parameters. Pipeline splitting happens
+before all of this (each rank parallelizes only its own stage's part).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dims import ParallelDims
+from .ddp import apply_ddp
+from .fsdp import apply_fsdp
+from .plan import Plan
+from .tensor import apply_tensor_parallel, find_blocks
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, plan: Plan, device: torch.device, *,
+                grad_checkpoint: bool = False, compile: bool = False) -> nn.Module:
+    mesh = dims.mesh
+    if dims.tp_enabled:
+        apply_tensor_parallel(model, mesh["tp"])
+    if grad_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:
+        for _, block in find_blocks(model):
+            block.compile()  # per block: the whole HF model compiled at once was slower than eager
+    if plan.data_parallel == "fsdp":
+        return apply_fsdp(model, mesh["dp"], param_dtype=plan.dtype, cpu_offload=plan.cpu_offload,
+                          reshard_after_forward=plan.reshard_after_forward)
+    if dims.dp_enabled:
+        return apply_ddp(model, mesh["dp"], device)
+    return model

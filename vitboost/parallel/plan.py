@@ -1,0 +1,106 @@
+"""Plugin name -> Plan: what each ColossalAI-style plugin means in PyTorch-native terms.
+
+A Plan is data, not code: ``parallelize()`` applies it and ``Engine`` runs it, so the
+training loop never branches on the strategy.
+
+| plugin            | data parallel          | extras                                   |
+|-------------------|------------------------|------------------------------------------|
+| torch_ddp         | DDP                    |                                          |
+| torch_ddp_fp16    | DDP                    | fp16 autocast + GradScaler               |
+| low_level_zero 1  | DDP                    | ZeroRedundancyOptimizer (Adam states/dp) |
+| low_level_zero 2  | FSDP2, no reshard      | grads + Adam states sharded              |
+| fsdp              | FSDP2                  | params + grads + states sharded (ZeRO-3) |
+| gemini            | FSDP2 + CPUOffload     | everything on CPU, optimizer on CPU      |
+| hybrid_parallel   | FSDP2 over dp          | DTensor TP x torch.distributed.pipelining|
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    plugin: str
+    data_parallel: str  # "ddp" | "fsdp"
+    precision: str  # "fp32" | "bf16" | "fp16"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    zero1: bool = False
+    reason: str = ""
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+
+def resolve_precision(requested: str, plugin: str, device_type: str) -> str:
+    if plugin == "torch_ddp_fp16" and requested in ("auto", "fp16"):
+        requested = "fp16"
+    if requested == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    if requested == "fp16" and device_type != "cuda":
+        raise ConfigError("fp16 mixed precision needs a CUDA GPU (loss scaling on CPU is not supported); "
+                          "use --mixed_precision fp32 or bf16 on CPU")
+    return requested
+
+
+def make_plan(cfg: TrainConfig, device_type: str, world_size: int, num_params: int = 0,
+              model_dims: tuple[int, int, int, int] | None = None) -> Plan:
+    plugin, reason, zero_stage = cfg.plugin, "", cfg.zero_stage
+    if plugin == "auto":
+        plugin, reason = choose_auto(cfg, device_type, world_size, num_params, model_dims)
+        zero_stage = 2
+    precision = resolve_precision(cfg.mixed_precision, plugin, device_type)
+    if plugin in ("torch_ddp", "torch_ddp_fp16"):
+        return Plan(plugin, "ddp", precision, reason=reason)
+    if plugin == "low_level_zero":
+        if zero_stage == 1:
+            return Plan(plugin, "ddp", precision, zero1=True, reason=reason)
+        return Plan(plugin, "fsdp", precision, reshard_after_forward=False, reason=reason)
+    if plugin == "fsdp":
+        return Plan(plugin, "fsdp", precision, reason=reason)
+    if plugin == "gemini":
+        return Plan(plugin, "fsdp", precision, cpu_offload=True, reason=reason)
+    if plugin == "hybrid_parallel":
+        # under PP the params are needed again in each microbatch's backward: keep them gathered
+        return Plan(plugin, "fsdp", precision, reshard_after_forward=cfg.pp_size == 1, reason=reason)
+    raise ConfigError(f"unknown --plugin {plugin!r}")
+
+
+def activation_bytes_per_image(hidden: int, layers: int, heads: int, tokens: int, grad_checkpoint: bool) -> float:
+    """Megatron's estimate of saved activations per sample (bf16): (34*s*h + 5*a*s^2) bytes per layer."""
+    per_layer = 34 * tokens * hidden + 5 * heads * tokens * tokens
+    return (2 * tokens * hidden * layers + per_layer) if grad_checkpoint else per_layer * layers
+
+
+def choose_auto(cfg: TrainConfig, device_type: str, world_size: int, num_params: int,
+                model_dims: tuple[int, int, int, int] | None = None) -> tuple[str, str]:
+    """The cheapest strategy whose memory fits: DDP > ZeRO-2 > FSDP > Gemini offload.
+
+    Bytes per param: fp32 weights 4 + grads 4 + Adam 8 = 16. DDP keeps all 16 on every GPU,
+    ZeRO-2 keeps weights (4) and 12/dp, FSDP 16/dp, Gemini ~0 (all on CPU). Activations are
+    estimated with Megatron's formula; 80% of the free GPU memory is the budget.
+    """
+    if cfg.tp_size > 1 or cfg.pp_size > 1:
+        return "hybrid_parallel", "auto: --tp_size/--pp_size given, so hybrid_parallel"
+    if device_type != "cuda":
+        return "torch_ddp", "auto: no GPU, so torch_ddp (nothing to save on CPU memory)"
+    free, _ = torch.cuda.mem_get_info()
+    budget = 0.8 * free
+    act = 0.0
+    if model_dims is not None:
+        hidden, layers, heads, tokens = model_dims
+        act = cfg.batch_size * activation_bytes_per_image(hidden, layers, heads, tokens, cfg.grad_checkpoint)
+    p, n = num_params, world_size
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    options = [("torch_ddp", 16 * p), ("low_level_zero", 4 * p + 12 * p / n), ("fsdp", 16 * p / n)]
+    for plugin, state in options:
+        if state + act < budget:
+            return plugin, (f"auto: {plugin}: model state {gib(state)} + activations {gib(act)} fit in "
+                            f"80% of {gib(free)} free per GPU")
+    return "gemini", (f"auto: gemini: even fully sharded, {gib(16 * p / n)} + activations {gib(act)} exceed "
+                      f"80% of {gib(free)} free per GPU; offloading to CPU")

@@ -1,0 +1,100 @@
+"""Using a trained model: predict, evaluate a folder, export a checkpoint. One process, no mesh.
+
+The preprocessing is the training preprocessing (same decode + resize code, same
+normalization), so `vitboost predict` and `transformers.pipeline` on the exported folder
+agree.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .data import decode_image, load_image_dataset, normalize  # noqa
+from .evaluate import evaluate
+from .model import ModelError, Preprocess, _read_preprocess, build_model, export_pretrained
+
+
+class LocalModel:
+    """A plain model on one device, with the two things evaluate() needs: .device and .logits()."""
+
+    def __init__(self, folder: str, device: str = "auto"):
+        from transformers import ViTForImageClassification
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        path = Path(folder).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"--model {folder} is not a trained model folder (no config.json); "
+                             f"pass <output>/model from a run, or export one with `vitboost export`")
+        self.model = ViTForImageClassification.from_pretrained(path).to(self.device).eval()
+        self.pre = _read_preprocess(path, self.model.config.image_size)
+        self.label_names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with ctx:
+            return self.model(pixel_values=images).logits.float()
+
+
+class Predictor(LocalModel):
+    def predict(self, images: list[str], top_k: int = 3) -> list[dict]:
+        rows = []
+        for path in images:
+            x = decode_image(path, self.pre.image_size, self.pre.resample)[None].to(self.device)
+            probs = self.logits(normalize(x, self.pre.mean, self.pre.std)).softmax(-1)[0]
+            scores, ids = probs.topk(min(top_k, probs.numel()))
+            rows.append({"image": path, "predictions": [{"label": self.label_names[i], "score": round(s, 6)}
+                                                        for s, i in zip(scores.tolist(), ids.tolist())]})
+        return rows
+
+
+def evaluate_folder(folder: str, dataset: str, split: str = "all", *, batch_size: int = 64,
+                    cache_dir: str | None = None, device: str = "auto") -> dict[str, dict]:
+    m = LocalModel(folder, device)
+    data = load_image_dataset(dataset, m.pre.image_size, Path(cache_dir).expanduser() if cache_dir else None,
+                              resample=m.pre.resample, log=lambda *_: None)
+    if data.label_names != m.label_names:
+        raise ModelError(f"the model's labels {m.label_names} differ from the dataset's {data.label_names}; "
+                         f"evaluate on the dataset it was trained on")
+    names = [s for s in ("train", "validation", "test") if s in data.splits] if split == "all" else [split]
+    for s in names:
+        if s not in data.splits:
+            raise ModelError(f"dataset {dataset} has no {s!r} split; choose one of {', '.join(data.splits)}")
+    return {s: evaluate(m, data.splits[s], data.label_names, batch_size=batch_size, mean=m.pre.mean, std=m.pre.std)
+            for s in names}
+
+
+def export_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """A run folder (latest checkpoint) or a step_* folder -> HF folder with safetensors."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from .checkpoint import is_complete, latest_checkpoint, load_model_weights
+    step = checkpoint
+    if not is_complete(step):
+        step = latest_checkpoint(checkpoint / "checkpoints")
+    if step is None or not is_complete(step):
+        raise ModelError(f"{checkpoint} holds no complete checkpoint; pass a run folder or one of its "
+                         f"checkpoints/step_* folders")
+    run = step.parent.parent
+    hf = run / "hf_config"
+    if not (hf / "config.json").is_file():
+        raise ModelError(f"{run} has no hf_config/config.json (written at the start of every run); "
+                         f"is {checkpoint} a vitboost run?")
+    model = ViTForImageClassification(ViTConfig.from_pretrained(hf))
+    load_model_weights(step, model)
+    export_pretrained(model, _read_preprocess(hf, model.config.image_size), out)
+    return out
+
+
+def save_run_config(model, pre: Preprocess, run: Path) -> None:
+    """The HF config + preprocessing of a run, so any checkpoint of it can be exported later."""
+    export_dir = run / "hf_config"
+    export_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(export_dir)
+    import json
+    (export_dir / "preprocessor_config.json").write_text(json.dumps(pre.to_hf(), indent=2))
+
+
+__all__ = ["Predictor", "LocalModel", "evaluate_folder", "export_checkpoint", "save_run_config", "build_model"]

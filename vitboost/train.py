@@ -1,0 +1,299 @@
+"""The training loop. It reads top to bottom and does not know which strategy runs it.
+
+    setup (process group, mesh, data, model, engine) -> resume? -> epochs of steps
+      -> eval each epoch -> checkpoint -> final eval (validation, test) -> export, summary
+
+Every rank sees the same global batch indices (same seed); each data-parallel rank takes
+its contiguous slice, so a run on N GPUs computes the same global-batch mean loss as one
+process on the whole batch. Tensor and pipeline ranks of one dp group take the same slice.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig
+from .data import ImageDataset, iterate_batches, load_image_dataset, num_batches
+from .engine import Engine, cosine_schedule
+from .evaluate import evaluate
+from .model import Preprocess, build_model
+from .predict import export_checkpoint, save_run_config
+from .parallel.dims import ParallelDims, init_distributed, world_info
+from .parallel.plan import make_plan
+
+RUN_MARKER = "config.yaml"
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA GPU is visible; use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def prepare_output(cfg: TrainConfig, is_main: bool) -> Path:
+    """Refuse to mix two runs in one folder unless asked to resume or overwrite."""
+    out = Path(cfg.output)
+    if is_main:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--output {out} is a file; pass a folder")
+        holds_run = (out / RUN_MARKER).exists()
+        if holds_run and cfg.resume is None and not cfg.overwrite:
+            raise ConfigError(f"--output {out} already holds a run; pass --resume auto to continue it, "
+                              f"--overwrite to replace it, or another --output")
+        if holds_run and cfg.overwrite and cfg.resume is None:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class Logger:
+    """metrics.jsonl (one JSON object per line) written by rank 0 only."""
+
+    def __init__(self, path: Path | None):
+        self.f = open(path, "a") if path else None
+
+    def __call__(self, **row) -> None:
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+
+def train(cfg: TrainConfig) -> dict:
+    t_start = time.perf_counter()
+    rank, local_rank, world = world_info()
+    device = pick_device(cfg.device, local_rank)
+    init_distributed(device.type)
+    is_main = rank == 0
+    say = print if is_main else (lambda *a, **k: None)
+    dims = ParallelDims(world, tp=cfg.tp_size, pp=cfg.pp_size)
+    dims.build_mesh(device.type)
+    dp_rank = dims.mesh["dp"].get_local_rank()
+    dp_group = dims.mesh["dp"].get_group() if dims.dp_enabled else None
+    out = prepare_output(cfg, is_main)
+    _barrier()
+
+    # model config first: the input size and normalization come from it
+    torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP/TP do not broadcast)
+    size = _model_image_size(cfg)
+    data = _load_data(cfg, size, is_main, say)
+    torch.manual_seed(cfg.seed)
+    model, pre = build_model(cfg.model, data.label_names, pretrained=cfg.pretrained, image_size=cfg.image_size,
+                             patch_size=cfg.patch_size, dropout=cfg.dropout, log=say)
+    if size != pre.image_size:
+        raise ConfigError(f"model {cfg.model} expects {pre.image_size}px inputs, not {size}px; "
+                          f"use a model whose image_size is {size} or a local folder")
+    _check_layout(cfg, model, dims)
+    if is_main:
+        save_run_config(model, pre, out)  # before parallelization touches the model
+    c = model.config
+    plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()),
+                     (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, (c.image_size // c.patch_size) ** 2 + 1))
+    if plan.reason:
+        say(plan.reason)
+    engine = Engine(model, cfg, dims, plan, device, soft_cross_entropy)
+    say(f"strategy: {plan.plugin} (dp={dims.dp} tp={dims.tp} pp={dims.pp}, {plan.precision}) on {world} x {device.type}")
+
+    train_split = data.splits["train"]
+    global_batch = cfg.batch_size * dims.dp
+    batches_per_epoch = num_batches(len(train_split), global_batch, drop_last=True)
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the train split has {len(train_split)} images, fewer than one step needs "
+                          f"({global_batch * cfg.grad_accum} = batch_size*dp*grad_accum); lower --batch_size")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = cosine_schedule(engine.optimizer, total_steps, cfg.warmup_ratio)
+    aug_cfg = AugmentConfig.preset(cfg.augment)
+    for key, field in (("mixup", "mixup_alpha"), ("cutmix", "cutmix_alpha"), ("label_smoothing", "label_smoothing")):
+        if getattr(cfg, key) is not None:
+            setattr(aug_cfg, field, getattr(cfg, key))
+    augment = GpuAugment(aug_cfg, len(data.label_names), pre.mean, pre.std, seed=cfg.seed + 1000 * dp_rank,
+                         device=device)
+
+    # resume
+    ckpt_root = out / "checkpoints"
+    step, epoch, batch_in_epoch = 0, 0, 0
+    resume_from = None
+    if cfg.resume:
+        resume_from = latest_checkpoint(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
+        if cfg.resume != "auto" and not (resume_from / ".metadata").is_file():
+            raise ConfigError(f"--resume {cfg.resume} is not a checkpoint folder (no .metadata); "
+                              f"pass one of {ckpt_root}/step_* or --resume auto")
+    if resume_from is not None:
+        ts, rng = load_checkpoint(resume_from, engine)
+        step, epoch, batch_in_epoch = ts["step"], ts["epoch"], ts["batch_in_epoch"]
+        scheduler.load_state_dict(ts["scheduler"])
+        if engine.scaler is not None and ts.get("scaler"):
+            engine.scaler.load_state_dict(ts["scaler"])
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if device.type == "cuda" and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"], device)
+            augment.load_state_dict(rng["augment"])
+        say(f"resumed from {resume_from} at step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
+    elif cfg.resume == "auto":
+        say(f"--resume auto: no checkpoint in {ckpt_root}; starting fresh")
+    if is_main:
+        cfg.save(out / RUN_MARKER)
+    log = Logger(out / "metrics.jsonl" if is_main else None)
+
+    # keep the uint8 training images on the GPU when they fit in a small slice of it
+    images = train_split.images
+    if device.type == "cuda" and images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]:
+        images = images.to(device)
+    labels = train_split.labels.to(images.device)
+
+    def checkpoint() -> None:
+        rng = {"torch": torch.get_rng_state(), "augment": augment.state_dict(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        ts = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "scheduler": scheduler.state_dict(),
+              "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
+              "world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
+        save_checkpoint(ckpt_root, step, engine, ts, rng, keep=cfg.keep_checkpoints)
+
+    history: list[dict] = []
+    t_train = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, disable=not (is_main and cfg.progress), dynamic_ncols=True,
+               file=sys.stdout, desc="train")
+    window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
+    while epoch < cfg.epochs and step < total_steps:
+        batches = iterate_batches(len(train_split), global_batch, shuffle=True, seed=cfg.seed, epoch=epoch,
+                                  drop_last=True, start=batch_in_epoch)
+        while batch_in_epoch + cfg.grad_accum <= steps_per_epoch * cfg.grad_accum and step < total_steps:
+            step_loss = torch.zeros((), device=device)
+            for micro in range(cfg.grad_accum):
+                idx = next(batches).chunk(dims.dp)[dp_rank].to(images.device)
+                x, y = augment(images[idx].to(device, non_blocking=True), labels[idx].to(device))
+                step_loss += engine.forward_backward(x, y, cfg.grad_accum, sync=micro == cfg.grad_accum - 1)
+                batch_in_epoch += 1
+            grad_norm = engine.step()
+            scheduler.step()
+            step += 1
+            window_loss += step_loss / cfg.grad_accum
+            window_n += 1
+            window_imgs += global_batch * cfg.grad_accum
+            if step % cfg.log_every == 0 or step == total_steps:
+                loss = _dp_mean(window_loss / window_n, dp_group)
+                elapsed = time.perf_counter() - window_t
+                row = {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": round(float(grad_norm), 6), "img_per_s": round(window_imgs / elapsed, 1)}
+                log(**row)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+                window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
+            bar.update(1)
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint()
+        if batch_in_epoch >= steps_per_epoch * cfg.grad_accum:
+            epoch, batch_in_epoch = epoch + 1, 0
+            if cfg.eval_every_epoch and "validation" in data.splits:
+                m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
+                history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
+                log(**history[-1])
+                if is_main:
+                    bar.write(f"epoch {epoch}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
+            checkpoint()
+    bar.close()
+    if batch_in_epoch != 0:
+        checkpoint()  # stopped by --max_steps mid-epoch: keep the last state too
+    train_seconds = time.perf_counter() - t_train
+
+    results = {}
+    for split in ("validation", "test"):
+        if split in data.splits:
+            results[split] = _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
+            say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
+    summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
+               "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
+               "steps": step, "train_seconds": round(train_seconds, 2),
+               "total_seconds": round(time.perf_counter() - t_start, 2), "eval": results, "history": history,
+               "skipped_images": data.skipped}
+    if device.type == "cuda":
+        summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if cfg.export and is_main:  # rank 0 rebuilds a plain HF model from the last checkpoint: any layout
+        export_checkpoint(out, out / "model")
+        say(f"model exported to {out / 'model'}")
+    if is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.plot:
+            from .plots import plot_run
+            plot_run(out)
+    _barrier()
+    return summary
+
+
+def _load_data(cfg: TrainConfig, size: int, is_main: bool, say) -> ImageDataset:
+    """Rank 0 decodes and caches; the others wait and read the cache."""
+    cache = Path(cfg.cache_dir).expanduser()
+    if is_main:
+        data = load_image_dataset(cfg.dataset, size, cache, skip_bad_images=cfg.skip_bad_images, log=say)
+    _barrier()
+    if not is_main:
+        data = load_image_dataset(cfg.dataset, size, cache, skip_bad_images=cfg.skip_bad_images, log=lambda *_: None)
+    if "train" not in data.splits:
+        raise ConfigError(f"dataset {cfg.dataset} has no train split")
+    return data
+
+
+def _model_image_size(cfg: TrainConfig) -> int:
+    from .model import NAMED_CONFIGS, _read_preprocess
+    if cfg.model in NAMED_CONFIGS:
+        return cfg.image_size or NAMED_CONFIGS[cfg.model][5]
+    folder = Path(cfg.model).expanduser()
+    if (folder / "config.json").is_file():
+        size = json.loads((folder / "config.json").read_text()).get("image_size", 224)
+        return _read_preprocess(folder, size).image_size
+    return 224  # hub ids: every google/vit-*-224 model; build_model checks the real value
+
+
+def _check_layout(cfg: TrainConfig, model, dims: ParallelDims) -> None:
+    c = model.config
+    if c.num_attention_heads % dims.tp:
+        raise ConfigError(f"{c.num_attention_heads} attention heads are not divisible by --tp_size {dims.tp}; "
+                          f"pick a tp_size that divides the head count")
+    stages = dims.pp * (2 if cfg.pp_schedule == "Interleaved1F1B" else 1)
+    if c.num_hidden_layers < stages:
+        raise ConfigError(f"{c.num_hidden_layers} layers cannot fill {stages} pipeline stages; lower --pp_size")
+
+
+def _eval(engine, data: ImageDataset, split: str, cfg: TrainConfig, pre: Preprocess, dims, dp_rank, dp_group) -> dict:
+    return evaluate(engine, data.splits[split], data.label_names, batch_size=cfg.eval_batch_size, mean=pre.mean,
+                    std=pre.std, dp_rank=dp_rank, dp_size=dims.dp, dp_group=dp_group)
+
+
+def _dp_mean(t: torch.Tensor, group) -> float:
+    if group is not None:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.AVG if t.device.type == "cuda" else dist.ReduceOp.SUM, group=group)
+        if t.device.type != "cuda":
+            t /= dist.get_world_size(group)
+    return float(t)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Entry point used by the CLI: tear the process group down whatever happens."""
+    try:
+        return train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
