@@ -1,12 +1,12 @@
 """Pipeline parallel == one process: same losses, same parameters, same logits.
 
-gloo CPU processes, a 4-block tiny ViT in fp32 with dropout 0. Each pp layout is
-trained for a few AdamW steps with grad clipping active (max_norm below the
-gradient norm, so a norm that missed a pp rank would change every step).
+gloo CPU processes, a 4-block tiny ViT in fp32 with dropout 0. Each layout (pp=2
+1F1B / GPipe / Interleaved1F1B, and dp=2 x pp=2 with FSDP2) is trained for a few
+AdamW steps with grad clipping active (max_norm below the gradient norm, so a
+norm that missed a pp rank would change every step).
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -69,10 +69,9 @@ def _train(runner: PipelineRunner, part, pp_group, dp_rank: int = 0, dp_size: in
 
 # ----------------------------------------------------------------------------- rank functions
 
-def _pp2_worker() -> dict:
+def _pp2(rank: int, group) -> dict:
     """pp=2: 1F1B, GPipe, Interleaved1F1B (2 stages/rank), eval on an odd batch, errors, autocast."""
-    import torch.distributed as dist
-    rank, group, cpu = dist.get_rank(), dist.group.WORLD, torch.device("cpu")
+    cpu = torch.device("cpu")
     out: dict = {}
     for name, spr, n_mb in [("1F1B", 1, 2), ("GPipe", 1, 4), ("Interleaved1F1B", 2, 4)]:
         part, specs = split_model(tiny_vit(), rank, 2, stages_per_rank=spr)
@@ -90,33 +89,48 @@ def _pp2_worker() -> dict:
                 out["autocast_loss"] = runner.step(x, y).item()
                 out["autocast_logits"] = runner.forward(odd_images())
             part.zero_grad()
-        if name == "GPipe":  # soft targets reach loss_fn untouched; grads == one process
+        if name == "GPipe":  # soft targets reach loss_fn untouched; two steps accumulate grads
             full = tiny_vit()
             part2, specs2 = split_model(tiny_vit(), rank, 2)
             soft = torch.softmax(torch.randn(BATCH, 3, generator=torch.Generator().manual_seed(3)), -1)
-            loss = PipelineRunner(part2, specs2, group, cpu, 4, "GPipe").step(batches()[0][0], soft)
+            runner2 = PipelineRunner(part2, specs2, group, cpu, 4, "GPipe")
+            loss = [runner2.step(batches()[0][0], soft) for _ in range(2)][0]
             ref = F.cross_entropy(full(batches()[0][0]).logits, soft)
-            ref.backward()
+            (2 * ref).backward()
             ref_grads = dict(full.named_parameters())
             out["soft"] = (loss.item(), ref.item(),
                            max((p.grad - ref_grads[k].grad).abs().max().item() for k, p in part2.named_parameters()))
     return out
 
 
-def _dp2_pp2_worker() -> dict:
+def _dp2_pp2(mesh, dp_rank: int, pp_rank: int) -> dict:
     """dp=2 x pp=2 with FSDP2 on the blocks and the model part, each dp rank on half the batch."""
     from torch.distributed.fsdp import fully_shard
-    from vitboost.parallel.dims import ParallelDims
-    mesh = ParallelDims(4, pp=2).build_mesh("cpu")
-    dp_rank, pp_rank = mesh["dp"].get_local_rank(), mesh["pp"].get_local_rank()
-    out: dict = {"dp_rank": dp_rank}
+    out: dict = {}
     for name, spr, n_mb in [("1F1B", 1, 2), ("Interleaved1F1B", 2, 2)]:
         part, specs = split_model(tiny_vit(), pp_rank, 2, stages_per_rank=spr)
         for _, block in stage_blocks(part):
             fully_shard(block, mesh=mesh["dp"], reshard_after_forward=False)
         fully_shard(part, mesh=mesh["dp"], reshard_after_forward=False)
         runner = PipelineRunner(part, specs, mesh, torch.device("cpu"), n_mb, schedule=name)
+        # eval first: the optimizer built after it must still get FSDP's sharded params
+        before = runner.forward(odd_images())
         out[name] = _train(runner, part, mesh["pp"].get_group(), dp_rank, 2)
+        out[name].update(before=before, after=runner.forward(odd_images()))
+    return out
+
+
+def _worker() -> dict:
+    """One spawn of 4 ranks for everything (process start-up dominates the test time): the
+    pp=2 runs on the pp group of dp replica 0 (a sub-group: broadcasts use global ranks),
+    then dp=2 x pp=2 with FSDP on all four."""
+    from vitboost.parallel.dims import ParallelDims
+    mesh = ParallelDims(4, pp=2).build_mesh("cpu")
+    dp_rank, pp_rank = mesh["dp"].get_local_rank(), mesh["pp"].get_local_rank()
+    out = {"dp_rank": dp_rank, "pp_rank": pp_rank}
+    if dp_rank == 0:
+        out["pp2"] = _pp2(pp_rank, mesh["pp"].get_group())
+    out["dp2_pp2"] = _dp2_pp2(mesh, dp_rank, pp_rank)
     return out
 
 
@@ -156,13 +170,18 @@ def reference() -> dict:
 
 
 @pytest.fixture(scope="module")
-def pp2() -> list[dict]:
-    return run_distributed(_pp2_worker, 2)
+def ranks() -> list[dict]:
+    return run_distributed(_worker, 4)
 
 
 @pytest.fixture(scope="module")
-def dp2_pp2() -> list[dict]:
-    return run_distributed(_dp2_pp2_worker, 4)
+def pp2(ranks) -> list[dict]:
+    return [r["pp2"] for r in sorted(ranks, key=lambda r: r["pp_rank"]) if r["dp_rank"] == 0]
+
+
+@pytest.fixture(scope="module")
+def dp2_pp2(ranks) -> list[dict]:
+    return [r["dp2_pp2"] for r in ranks]
 
 
 def _check_run(runs: list[dict], ref: dict, mean_over_ranks: bool = False) -> None:
@@ -217,6 +236,9 @@ def test_autocast_and_soft_targets(pp2, reference):
 @pytest.mark.parametrize("schedule", ["1F1B", "Interleaved1F1B"])
 def test_dp2_pp2_fsdp_matches_single_process(dp2_pp2, reference, schedule):
     _check_run([r[schedule] for r in dp2_pp2], reference, mean_over_ranks=True)
+    for r in dp2_pp2:  # eval through FSDP-wrapped stages, odd batch
+        torch.testing.assert_close(r[schedule]["before"], reference["before"], rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(r[schedule]["after"], reference["after"], rtol=RTOL, atol=1e-5)
 
 
 def test_state_dict_keys_partition_full_model():

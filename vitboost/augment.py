@@ -8,7 +8,8 @@ augment whole batches where they already are, with plain torch ops:
    rotate/shear/translate folded into ONE per-sample affine matrix and ONE
    ``grid_sample`` (bilinear);
 2. colour: colour jitter and RandAugment's colour ops, vectorised with
-   per-sample magnitudes and masks (a loop over op types, never over images);
+   per-sample magnitudes; each op runs only on the samples that drew it
+   (a loop over op types, never over images);
 3. normalisation, random erasing (timm 'pixel' mode);
 4. mixup / cutmix per batch (timm semantics) with label smoothing folded into
    soft targets.
@@ -16,16 +17,17 @@ augment whole batches where they already are, with plain torch ops:
 Semantics follow timm's DeiT recipe (``rand-m9-mstd0.5-inc1``, ``Mixup``,
 ``RandomErasing``) closely but not bit-for-bit: see ``GpuAugment``.
 
-On CUDA the whole call is free of host syncs (masks select results with
-``torch.where``); on CPU the masked ops run only on the selected samples,
-which is cheaper there.
+Per-sample parameters are drawn on the host (tiny tensors), so the host
+knows which samples each op touches: the device does only the needed work
+and the call never waits on the device (no .item(), no nonzero on CUDA).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -105,13 +107,6 @@ RANDAUG_OPS: tuple[str, ...] = (
 )
 _OP = {name: i for i, name in enumerate(RANDAUG_OPS)}
 _GRAY = (0.299, 0.587, 0.114)   # PIL's 'L' conversion weights
-# CPU normally gathers the selected samples for masked ops; tests flip this to
-# run the accelerator's sync-free torch.where path on CPU.
-SYNC_FREE_ON_CPU = False
-
-
-def _sync_free(x: Tensor) -> bool:
-    return x.device.type != "cpu" or SYNC_FREE_ON_CPU
 
 
 # ---------------------------------------------------------------------------
@@ -123,13 +118,13 @@ def _bcast(v: Tensor) -> Tensor:
 
 
 def _gray(x: Tensor) -> Tensor:
-    r, g, b = x.unbind(1)
-    return (_GRAY[0] * r + _GRAY[1] * g + _GRAY[2] * b).unsqueeze(1)
+    g = x[:, 0:1] * _GRAY[0]
+    return g.add_(x[:, 1:2], alpha=_GRAY[1]).add_(x[:, 2:3], alpha=_GRAY[2])
 
 
 def _blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
     """PIL ImageEnhance: degenerate + factor * (x - degenerate), clipped."""
-    return (degenerate + _bcast(factor) * (x - degenerate)).clamp_(0.0, 1.0)
+    return torch.lerp(degenerate.expand_as(x), x, _bcast(factor)).clamp_(0.0, 1.0)
 
 
 def _brightness(x: Tensor, factor: Tensor) -> Tensor:
@@ -137,7 +132,7 @@ def _brightness(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def _contrast(x: Tensor, factor: Tensor) -> Tensor:
-    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+    return _blend(x, _gray(x.mean(dim=(2, 3), keepdim=True)), factor)
 
 
 def _saturation(x: Tensor, factor: Tensor) -> Tensor:
@@ -145,26 +140,21 @@ def _saturation(x: Tensor, factor: Tensor) -> Tensor:
 
 
 def _sharpness(x: Tensor, factor: Tensor) -> Tensor:
-    """PIL SHARPEN degenerate: [[1,1,1],[1,5,1],[1,1,1]]/13 on the interior, border kept.
-
-    Written as shifted adds (3x3 box sum + 4 * centre): depthwise conv2d is
-    ~10x slower on CPU and no faster on GPU for this size.
-    """
-    rows = x[:, :, :-2] + x[:, :, 1:-1] + x[:, :, 2:]
-    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    """PIL SHARPEN degenerate: [[1,1,1],[1,5,1],[1,1,1]]/13 on the interior, border kept."""
+    # (9 * box mean + 4 * centre) / 13; avg_pool beats a depthwise conv2d on CPU and GPU
     degenerate = x.clone()
-    degenerate[:, :, 1:-1, 1:-1] = (box + 4.0 * x[:, :, 1:-1, 1:-1]) / 13.0
+    inner = degenerate[:, :, 1:-1, 1:-1]
+    inner.mul_(4.0 / 13.0).add_(F.avg_pool2d(x, 3, stride=1), alpha=9.0 / 13.0)
     return _blend(x, degenerate, factor)
 
 
 def _autocontrast(x: Tensor) -> Tensor:
     """Stretch each channel to [0, 1]; flat channels are left alone (as PIL)."""
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
+    lo, hi = x.flatten(2).aminmax(dim=2)
     ok = hi > lo
-    scale = torch.where(ok, 1.0 / (hi - lo).clamp_min(1e-12), torch.ones_like(hi))
-    lo = torch.where(ok, lo, torch.zeros_like(lo))
-    return ((x - lo) * scale).clamp_(0.0, 1.0)
+    scale = torch.where(ok, 1.0 / (hi - lo).clamp_min(1e-12), 1.0)
+    shift = torch.where(ok, -lo * scale, 0.0)
+    return torch.addcmul(shift[..., None, None], x, scale[..., None, None]).clamp_(0.0, 1.0)
 
 
 def _equalize(x: Tensor) -> Tensor:
@@ -184,8 +174,12 @@ def _equalize(x: Tensor) -> Tensor:
 
 def _posterize(x: Tensor, bits: Tensor) -> Tensor:
     """Keep the top ``bits`` bits of each 8-bit value (0 bits -> black, as PIL)."""
-    shift = _bcast(torch.exp2(8.0 - bits.to(x.dtype)))
-    return torch.floor((x * 255.0).round() / shift) * shift / 255.0
+    step = _bcast(torch.exp2(8.0 - bits))            # quantisation step in 8-bit levels
+    return (x * 255.0).round_().div_(step).floor_().mul_(step / 255.0)
+
+
+def _invert(x: Tensor) -> Tensor:
+    return 1.0 - x
 
 
 def _solarize(x: Tensor, threshold: Tensor) -> Tensor:
@@ -194,22 +188,6 @@ def _solarize(x: Tensor, threshold: Tensor) -> Tensor:
 
 def _solarize_add(x: Tensor, add: Tensor) -> Tensor:
     return torch.where(x < 128.0 / 255.0, (x + _bcast(add)).clamp_(max=1.0), x)
-
-
-def _apply_masked(x: Tensor, mask: Tensor, fn: Callable[..., Tensor], *params: Tensor) -> Tensor:
-    """x[i] = fn(x[i]) where mask[i].
-
-    On CPU we gather the selected samples (cheap there, nothing to sync); on
-    accelerators we compute for the whole batch and select with torch.where so
-    the call never waits for the device.
-    """
-    if not _sync_free(x):
-        idx = mask.nonzero().squeeze(1)
-        if idx.numel() == 0:
-            return x
-        x[idx] = fn(x[idx], *(p[idx] for p in params))
-        return x
-    return torch.where(_bcast(mask), fn(x, *params), x)
 
 
 # ---------------------------------------------------------------------------
@@ -221,26 +199,51 @@ def _affine(a: Tensor, b: Tensor, c: Tensor, d: Tensor, tx: Tensor, ty: Tensor) 
     return torch.stack([a, b, tx, c, d, ty, z, z, o], dim=1).view(-1, 3, 3)
 
 
-def _rotation(rad: Tensor) -> Tensor:
+def _np(fn: Any, t: Tensor) -> Tensor:
+    """Elementwise numpy maths on a tiny host tensor.
+
+    Why: with many intra-op threads, torch's CPU exp/sqrt/cos/round on a few
+    hundred values were seen to cost 0.1-1 ms each (threaded vector maths);
+    numpy costs a few us.
+    """
+    return torch.from_numpy(fn(t.numpy()))
+
+
+def _sqrt_round(a: np.ndarray) -> np.ndarray:
+    return np.round(np.sqrt(a))   # half to even, like timm's Python round()
+
+
+def _rotation(deg: Tensor) -> Tensor:
+    rad = deg * (math.pi / 180.0)
     z = torch.zeros_like(rad)
-    cos, sin = torch.cos(rad), torch.sin(rad)
+    cos, sin = _np(np.cos, rad), _np(np.sin, rad)
     return _affine(cos, -sin, sin, cos, z, z)
 
 
-def _affine_grid(m: Tensor, H: int, W: int) -> Tensor:
-    """grid_sample grid (align_corners=False) for pixel-centred matrices m [B, 3, 3].
+def _theta(m: Tensor, H: int, W: int) -> Tensor:
+    """Pixel-centred matrices m [B, 3, 3] -> affine_grid's normalised theta [B, 2, 3].
 
-    Same result as F.affine_grid(P^-1 m P) with P = diag(W/2, H/2, 1), built by
-    broadcasting instead of a batched matmul (about 4x faster on CPU).
+    theta = P^-1 m P with P = diag(W/2, H/2, 1).
     """
-    B, dev = m.shape[0], m.device
-    sx, sy = W / 2, H / 2
-    u = (torch.arange(W, device=dev, dtype=m.dtype) * 2 + 1) / W - 1   # pixel centres in [-1, 1]
-    v = ((torch.arange(H, device=dev, dtype=m.dtype) * 2 + 1) / H - 1).view(H, 1)
-    t = m.view(B, 3, 3, 1, 1)
-    grid = torch.empty(B, H, W, 2, device=dev, dtype=m.dtype)
-    grid[..., 0] = t[:, 0, 0] * u + (t[:, 0, 1] * (sy / sx)) * v + t[:, 0, 2] / sx
-    grid[..., 1] = (t[:, 1, 0] * (sx / sy)) * u + t[:, 1, 1] * v + t[:, 1, 2] / sy
+    p = torch.tensor([W / 2, H / 2, 1.0], dtype=m.dtype)
+    return (m * p.view(1, 1, 3) / p.view(1, 3, 1))[:, :2].contiguous()
+
+
+def _affine_grid(theta: Tensor, H: int, W: int) -> Tensor:
+    """F.affine_grid(theta, align_corners=False); on CPU built by broadcasting.
+
+    The broadcast form is ~4x faster than affine_grid's batched matmul on CPU;
+    on accelerators affine_grid is one kernel, which is what matters there.
+    """
+    B, dev = theta.shape[0], theta.device
+    if dev.type != "cpu":
+        return F.affine_grid(theta, [B, 1, H, W], align_corners=False)
+    u = (torch.arange(W, dtype=theta.dtype) * 2 + 1) / W - 1   # pixel centres in [-1, 1]
+    v = ((torch.arange(H, dtype=theta.dtype) * 2 + 1) / H - 1).view(H, 1)
+    t = theta.view(B, 2, 3, 1, 1)
+    grid = torch.empty(B, H, W, 2, dtype=theta.dtype)
+    grid[..., 0] = t[:, 0, 0] * u + t[:, 0, 1] * v + t[:, 0, 2]
+    grid[..., 1] = t[:, 1, 0] * u + t[:, 1, 1] * v + t[:, 1, 2]
     return grid
 
 
@@ -250,12 +253,21 @@ class GpuAugment:
     ``mean``/``std`` are per-channel in [0, 1] units (as HF image processors
     give them). Pass a distinct ``seed`` per data-parallel rank.
 
-    Differences from timm worth knowing: crops use integer pixel boxes like
-    timm, but RandAugment's geometric ops are composed into the crop warp
-    (applied before the colour ops rather than interleaved with them) and are
-    centred on the image; areas uncovered by rotate/shear/translate are filled
-    with ``mean`` (timm uses the ImageNet mean); colour ops see bilinear
-    outputs rather than uint8 values.
+    Randomness: per-sample parameters (which op, magnitudes, boxes, lambda)
+    come from a small CPU generator, so the host knows which samples each op
+    touches and launches work only for those, with no device->host sync; the
+    bulk noise of random erasing comes from a generator on the images' device.
+    Both are seeded from ``seed`` and both are in ``state_dict()`` (the noise
+    state is device-specific: resume on the same kind of device). A side
+    effect: CPU and CUDA draw identical parameters for the same seed.
+
+    Differences from timm worth knowing: RandAugment's geometric ops are
+    composed into the crop warp (so they act before the colour ops, not
+    interleaved with them) and are centred on the image; areas uncovered by
+    rotate/shear/translate are filled with ``mean`` (timm: ImageNet mean);
+    crops are integer pixel boxes as in timm but resized bilinearly mapping
+    outer pixel centres to outer pixel centres; colour ops see the bilinear
+    float output rather than uint8 values.
     """
 
     def __init__(self, cfg: AugmentConfig, num_classes: int, mean: Sequence[float] | Tensor,
@@ -271,41 +283,43 @@ class GpuAugment:
         if self._mean.max() > 1.0 or self._std.max() > 1.0 or (self._std <= 0).any():
             raise ValueError("mean/std must be in [0, 1] units (e.g. 0.485, not 123.675)")
         self._stats: dict[torch.device, tuple[Tensor, Tensor]] = {}
-        self._gen: torch.Generator | None = None
-        self._pending_state: Tensor | None = None
+        self._host = torch.Generator().manual_seed(self.seed)
+        self._noise: torch.Generator | None = None
+        self._pending_noise_state: Tensor | None = None
         if device is not None:
-            self._generator(torch.device(device))
+            self._noise_generator(torch.device(device))
 
-    # -- generator / checkpointing -------------------------------------------------
+    # -- generators / checkpointing ------------------------------------------------
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """The generator lives on the images' device so draws need no copies."""
+    def _noise_generator(self, device: torch.device) -> torch.Generator:
+        """Generator for bulk noise, on the images' device (created on first use)."""
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if self._gen is None:
-            self._gen = torch.Generator(device=device)
-            self._gen.manual_seed(self.seed)
-            if self._pending_state is not None:
-                self._gen.set_state(self._pending_state)
-                self._pending_state = None
-        elif self._gen.device != device:
-            raise ValueError(f"GpuAugment generator is on {self._gen.device}, images on {device}")
-        return self._gen
+        if self._noise is None:
+            self._noise = torch.Generator(device=device)
+            self._noise.manual_seed(self.seed)
+            if self._pending_noise_state is not None:
+                self._noise.set_state(self._pending_noise_state)
+                self._pending_noise_state = None
+        elif self._noise.device != device:
+            raise ValueError(f"GpuAugment noise generator is on {self._noise.device}, images on {device}")
+        return self._noise
 
     def state_dict(self) -> dict[str, Any]:
-        """Generator state, so a resumed run continues the same augmentation stream."""
-        state = self._gen.get_state() if self._gen is not None else self._pending_state
-        return {"seed": self.seed, "generator": state}
+        """Generator states, so a resumed run continues the same augmentation stream."""
+        noise = self._noise.get_state() if self._noise is not None else self._pending_noise_state
+        return {"seed": self.seed, "host": self._host.get_state(), "noise": noise}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seed = int(state["seed"])
-        gen_state = state.get("generator")
-        if gen_state is None:
-            self._gen, self._pending_state = None, None  # fresh stream from seed
-        elif self._gen is not None:
-            self._gen.set_state(gen_state)
+        self._host.set_state(state["host"])
+        noise = state.get("noise")
+        if noise is None:  # the noise stream was never used: restart it from the seed
+            self._noise, self._pending_noise_state = None, None
+        elif self._noise is not None:
+            self._noise.set_state(noise)
         else:
-            self._pending_state = gen_state.clone()  # applied when the device is known
+            self._pending_noise_state = noise.clone()  # applied once the device is known
 
     # -- public API ----------------------------------------------------------------
 
@@ -328,27 +342,26 @@ class GpuAugment:
         cfg = self.cfg
         x = self._to_float(images_uint8)
         dev = x.device
-        g = self._generator(dev)
-        labels = labels.to(dev, torch.long)
-        B = x.shape[0]
+        noise_gen = self._noise_generator(dev)
+        labels = labels.to(dev, torch.long, non_blocking=True)
 
-        ra = self._draw_randaug(B, g, dev) if cfg.randaug_n > 0 else None
-        x = self._geometry(x, ra, g)
+        ra = self._draw_randaug(x.shape[0]) if cfg.randaug_n > 0 else None
+        x = self._geometry(x, ra)
         if cfg.color_jitter > 0:
-            x = self._color_jitter(x, g)
+            x = self._color_jitter(x)
         if ra is not None:
             x = self._randaug_color(x, ra)
         x = self._normalize(x)
         if cfg.random_erase > 0:
-            x = self._random_erase(x, g)
+            x = self._random_erase(x, noise_gen)
         if not cfg.soft_targets:
             return x, labels
-        lam = torch.ones((), device=dev)
-        if cfg.mixes and B > 1:
-            x, lam = self._mix(x, g)
+        lam = 1.0
+        if cfg.mixes and x.shape[0] > 1:
+            x, lam = self._mix(x)
         return x, self._targets(labels, lam)
 
-    # -- stages ----------------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------
 
     def _to_float(self, images: Tensor) -> Tensor:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != self._mean.numel():
@@ -356,46 +369,58 @@ class GpuAugment:
                             f"{images.dtype} {tuple(images.shape)}")
         return images.float().div_(255.0)
 
-    def _normalize(self, x: Tensor) -> Tensor:
-        mean, std = self._mean_std(x.device)
-        return x.sub_(mean).div_(std)
-
     def _mean_std(self, dev: torch.device) -> tuple[Tensor, Tensor]:
         """[1, C, 1, 1] mean/std on dev, cached: no host->device copy per batch."""
         if dev not in self._stats:
             self._stats[dev] = (self._mean.to(dev).view(1, -1, 1, 1), self._std.to(dev).view(1, -1, 1, 1))
         return self._stats[dev]
 
-    def _rand(self, g: torch.Generator, *shape: int) -> Tensor:
-        return torch.rand(shape, generator=g, device=g.device)
+    def _normalize(self, x: Tensor) -> Tensor:
+        mean, std = self._mean_std(x.device)
+        return x.sub_(mean).div_(std)
 
-    def _draw_randaug(self, B: int, g: torch.Generator, dev: torch.device) -> dict[str, Tensor]:
-        """Per (sample, slot): which op, whether applied, magnitude in [0, 1], sign."""
+    def _u(self, *shape: int) -> Tensor:
+        """Uniform [0, 1) float32 on the host generator (plenty for pixel boxes)."""
+        return torch.rand(shape, generator=self._host)
+
+    @staticmethod
+    def _upload(t: Tensor, dev: torch.device) -> Tensor:
+        """Small host tensor -> device without a sync (pinned, non-blocking on CUDA)."""
+        if dev.type == "cpu":
+            return t
+        if dev.type == "cuda":
+            t = t.pin_memory()
+        return t.to(dev, non_blocking=True)
+
+    # -- stages ----------------------------------------------------------------------
+
+    def _draw_randaug(self, B: int) -> dict[str, Tensor]:
+        """Per (sample, slot): op index (-1 = skipped), magnitude level in [0, 1], sign."""
         cfg, n = self.cfg, self.cfg.randaug_n
-        op = torch.randint(len(RANDAUG_OPS), (B, n), generator=g, device=dev)
-        op = torch.where(self._rand(g, B, n) < cfg.randaug_p, op, torch.full_like(op, -1))
-        mag = cfg.randaug_m + cfg.randaug_mstd * torch.randn((B, n), generator=g, device=dev)
+        op = torch.randint(len(RANDAUG_OPS), (B, n), generator=self._host)
+        op = torch.where(self._u(B, n) < cfg.randaug_p, op, torch.full_like(op, -1))
+        mag = cfg.randaug_m + cfg.randaug_mstd * torch.randn((B, n), generator=self._host)
         level = mag.clamp_(0.0, 10.0) / 10.0
-        sign = torch.where(self._rand(g, B, n) < 0.5, -1.0, 1.0)
+        sign = torch.where(self._u(B, n) < 0.5, -1.0, 1.0)
         return {"op": op, "level": level, "sign": sign}
 
-    def _crop_boxes(self, B: int, H: int, W: int, g: torch.Generator) -> tuple[Tensor, ...]:
+    def _crop_boxes(self, B: int, H: int, W: int) -> tuple[Tensor, ...]:
         """timm RandomResizedCrop.get_params, vectorised: 10 tries, centre fallback.
 
         Returns crop (width, height, left, top) in pixels as float [B] tensors.
         """
         (s0, s1), (r0, r1) = self.cfg.scale, self.cfg.ratio
         tries = 10
-        area = (s0 + (s1 - s0) * self._rand(g, B, tries)) * (H * W)
-        log_r = math.log(r0) + (math.log(r1) - math.log(r0)) * self._rand(g, B, tries)
-        aspect = torch.exp(log_r)
-        w = torch.sqrt(area * aspect).round_().clamp_(min=1)
-        h = torch.sqrt(area / aspect).round_().clamp_(min=1)
+        area = (s0 + (s1 - s0) * self._u(B, tries)) * (H * W)
+        log_r = math.log(r0) + (math.log(r1) - math.log(r0)) * self._u(B, tries)
+        aspect = _np(np.exp, log_r)
+        w = _np(_sqrt_round, area * aspect).clamp_(min=1)
+        h = _np(_sqrt_round, area / aspect).clamp_(min=1)
         ok = (w <= W) & (h <= H)
         first = ok.long().argmax(dim=1, keepdim=True)  # first valid try
         w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-        top = torch.floor(self._rand(g, B) * (H - h + 1))
-        left = torch.floor(self._rand(g, B) * (W - w + 1))
+        top = torch.floor(self._u(B) * (H - h + 1))
+        left = torch.floor(self._u(B) * (W - w + 1))
         # fallback: central crop at the nearest allowed aspect ratio
         in_ratio = W / H
         if in_ratio < r0:
@@ -411,166 +436,201 @@ class GpuAugment:
         left = torch.where(any_ok, left, torch.full_like(left, (W - fw) // 2))
         return w, h, left, top
 
-    def _geometry(self, x: Tensor, ra: dict[str, Tensor] | None, g: torch.Generator) -> Tensor:
+    def _geometry(self, x: Tensor, ra: dict[str, Tensor] | None) -> Tensor:
         """Crop, flips, rotation and RandAugment geometry in one bilinear warp.
 
-        Matrices work in pixel units centred on the image, so rotation and
-        shear are not distorted by a non-square aspect.
+        The per-sample matrices (pixel units centred on the image, so rotation
+        and shear are not distorted by a non-square aspect) are built on the
+        host and uploaded in one copy.
         """
         cfg = self.cfg
         B, _, H, W = x.shape
         dev = x.device
         crop = cfg.scale[0] < 1.0
-        warp = crop or cfg.rotate > 0 or ra is not None
-        if not warp:  # flips alone: exact, no resampling
-            if cfg.hflip > 0:
-                x = torch.where(_bcast(self._rand(g, B) < cfg.hflip), x.flip(3), x)
-            if cfg.vflip > 0:
-                x = torch.where(_bcast(self._rand(g, B) < cfg.vflip), x.flip(2), x)
+        if not (crop or cfg.rotate > 0 or ra is not None):  # flips alone: exact, no resampling
+            for p, dim in ((cfg.hflip, 3), (cfg.vflip, 2)):
+                if p > 0:
+                    idx = (self._u(B) < p).nonzero().squeeze(1)
+                    if idx.numel():
+                        idx = self._upload(idx, dev)
+                        x.index_copy_(0, idx, x.index_select(0, idx).flip(dim))
             return x
 
-        one, zero = torch.ones(B, device=dev), torch.zeros(B, device=dev)
+        one, zero = torch.ones(B), torch.zeros(B)
         if crop:
             # Map the outer output pixel centres onto the crop's outer pixel
             # centres, so bilinear taps never leave the crop (no edge bleed).
-            w, h, left, top = self._crop_boxes(B, H, W, g)
+            w, h, left, top = self._crop_boxes(B, H, W)
             m = _affine((w - 1) / max(W - 1, 1), zero, zero, (h - 1) / max(H - 1, 1),
                         left + w / 2 - W / 2, top + h / 2 - H / 2)
         else:
-            m = torch.eye(3, device=dev).expand(B, 3, 3)
+            m = torch.eye(3).expand(B, 3, 3)
         if cfg.hflip > 0 or cfg.vflip > 0:
-            sx = torch.where(self._rand(g, B) < cfg.hflip, -one, one) if cfg.hflip > 0 else one
-            sy = torch.where(self._rand(g, B) < cfg.vflip, -one, one) if cfg.vflip > 0 else one
+            sx = torch.where(self._u(B) < cfg.hflip, -one, one) if cfg.hflip > 0 else one
+            sy = torch.where(self._u(B) < cfg.vflip, -one, one) if cfg.vflip > 0 else one
             m = m @ _affine(sx, zero, zero, sy, zero, zero)
+        fill_needed = cfg.rotate > 0
         if cfg.rotate > 0:
-            deg = (2 * self._rand(g, B) - 1) * cfg.rotate
-            m = m @ _rotation(torch.deg2rad(deg))
+            deg = (2 * self._u(B) - 1) * cfg.rotate
+            m = m @ _rotation(deg)
         if ra is not None:  # timm: rotate 30 deg, shear 0.3, translate 0.45 of size, at level 1
+            geo = [_OP[k] for k in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")]
+            fill_needed = fill_needed or bool(torch.isin(ra["op"], torch.tensor(geo)).any())
             for k in range(cfg.randaug_n):
                 op, v = ra["op"][:, k], ra["level"][:, k] * ra["sign"][:, k]
                 pick = lambda name, amount: torch.where(op == _OP[name], v * amount, zero)  # noqa: E731
                 shx, shy = pick("ShearX", 0.3), pick("ShearY", 0.3)
                 tx, ty = pick("TranslateX", 0.45 * W), pick("TranslateY", 0.45 * H)
-                rot = _rotation(torch.deg2rad(pick("Rotate", 30.0)))
-                m = m @ rot @ _affine(one, shx, shy, one, tx, ty)  # one op per slot
-        grid = _affine_grid(m, H, W)
-        if cfg.rotate > 0 or ra is not None:
+                rad = pick("Rotate", math.radians(30.0))
+                cos, sin = _np(np.cos, rad), _np(np.sin, rad)
+                # one op per slot, so rotation, shear and translation simply add up
+                m = m @ _affine(cos, shx - sin, shy + sin, cos, tx, ty)
+        if crop or cfg.rotate > 0:
+            return self._warp(x, m, fill_needed)
+        # only flips and RandAugment geometry: resample just the samples that move
+        idx = (m != torch.eye(3, dtype=m.dtype)).flatten(1).any(1).nonzero().squeeze(1)
+        if idx.numel():
+            idx_dev = self._upload(idx, dev)
+            x.index_copy_(0, idx_dev, self._warp(x.index_select(0, idx_dev), m[idx], fill_needed))
+        return x
+
+    def _warp(self, x: Tensor, m: Tensor, fill: bool) -> Tensor:
+        """One bilinear grid_sample of x by host matrices m [B, 3, 3]."""
+        H, W = x.shape[-2:]
+        grid = _affine_grid(self._upload(_theta(m, H, W), x.device), H, W)
+        if fill:
             # Uncovered areas get the fill colour: sample (x - fill) with zero
             # padding, add fill back (edges blend smoothly into the fill).
-            fill = self._mean_std(dev)[0]
-            out = F.grid_sample(x.sub_(fill), grid, mode="bilinear", padding_mode="zeros",
+            value = self._mean_std(x.device)[0]
+            out = F.grid_sample(x.sub_(value), grid, mode="bilinear", padding_mode="zeros",
                                 align_corners=False)
-            return out.add_(fill)
+            return out.add_(value)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    def _color_jitter(self, x: Tensor, g: torch.Generator) -> Tensor:
+    def _color_jitter(self, x: Tensor) -> Tensor:
         """torchvision ColorJitter(b, c, s) with factors U[max(0, 1-s), 1+s], fixed order."""
         s, B = self.cfg.color_jitter, x.shape[0]
         lo = max(0.0, 1.0 - s)
-        fb, fc, fs = (lo + (1.0 + s - lo) * self._rand(g, B) for _ in range(3))
-        return _saturation(_contrast(_brightness(x, fb), fc), fs)
+        f = self._upload(lo + (1.0 + s - lo) * self._u(3, B), x.device)
+        return _saturation(_contrast(_brightness(x, f[0]), f[1]), f[2])
 
     def _randaug_color(self, x: Tensor, ra: dict[str, Tensor]) -> Tensor:
-        """RandAugment colour ops, slot by slot, each on the samples that drew it."""
+        """RandAugment colour ops, each run only on the samples that drew it.
+
+        The host knows the selections: per slot it sorts samples by op, and all
+        index lists and magnitudes go to the device in two copies; each op is
+        then gather -> op -> scatter on its own samples.
+        """
+        lv, sg = ra["level"], ra["sign"]
+        enh = 1.0 + sg * lv * 0.9   # timm *Increasing enhance factors in [0.1, 1.9]
+        zero = torch.zeros_like(lv)
+        fns = {   # op -> (fn, per-sample parameter [B, n] or None)
+            "AutoContrast": (_autocontrast, None),
+            "Equalize": (_equalize, None),
+            "Invert": (_invert, None),
+            "Posterize": (_posterize, 4.0 - torch.floor(4.0 * lv)),  # keep 4 - int(4 level) bits
+            "Solarize": (_solarize, (256.0 - torch.floor(256.0 * lv)) / 255.0),
+            "SolarizeAdd": (_solarize_add, torch.floor(110.0 * lv) / 255.0),
+            "Color": (_saturation, enh),
+            "Contrast": (_contrast, enh),
+            "Brightness": (_brightness, enh),
+            "Sharpness": (_sharpness, enh),
+        }
+        # table[op + 1] = that op's parameter for every (sample, slot); row 0 = skipped
+        rows = [fns[name][1] if name in fns else None for name in RANDAUG_OPS]
+        table = torch.stack([zero] + [zero if r is None else r for r in rows])
+        plan, idx_parts, par_parts, n = [], [], [], 0
         for k in range(self.cfg.randaug_n):
-            op, lv, sg = ra["op"][:, k], ra["level"][:, k], ra["sign"][:, k]
-            enh = 1.0 + sg * lv * 0.9   # timm *Increasing enhance factors in [0.1, 1.9]
-            sel = lambda name: op == _OP[name]  # noqa: E731
-            x = _apply_masked(x, sel("AutoContrast"), _autocontrast)
-            x = _apply_masked(x, sel("Equalize"), _equalize)
-            x = _apply_masked(x, sel("Invert"), lambda t: 1.0 - t)
-            # PosterizeIncreasing: keep 4 - int(4 * level) bits
-            x = _apply_masked(x, sel("Posterize"), _posterize, 4.0 - torch.floor(4.0 * lv))
-            # SolarizeIncreasing: invert values >= 256 - int(256 * level)
-            x = _apply_masked(x, sel("Solarize"), _solarize,
-                              (256.0 - torch.floor(256.0 * lv)) / 255.0)
-            x = _apply_masked(x, sel("SolarizeAdd"), _solarize_add, torch.floor(110.0 * lv) / 255.0)
-            x = _apply_masked(x, sel("Color"), _saturation, enh)
-            x = _apply_masked(x, sel("Contrast"), _contrast, enh)
-            x = _apply_masked(x, sel("Brightness"), _brightness, enh)
-            x = _apply_masked(x, sel("Sharpness"), _sharpness, enh)
+            op = ra["op"][:, k] + 1
+            order = torch.argsort(op, stable=True)
+            ends = torch.bincount(op, minlength=len(RANDAUG_OPS) + 1).cumsum(0).tolist()
+            idx_parts.append(order)
+            par_parts.append(table[op[order], order, k])
+            for name, (fn, par) in fns.items():
+                t = _OP[name] + 1
+                if ends[t] > ends[t - 1]:
+                    plan.append((fn, par is not None, n + ends[t - 1], n + ends[t]))
+            n += order.numel()
+        if not plan:
+            return x
+        idx_dev = self._upload(torch.cat(idx_parts), x.device)
+        par_dev = self._upload(torch.cat(par_parts), x.device)
+        for fn, has_par, a, b in plan:
+            idx = idx_dev[a:b]
+            sub = x.index_select(0, idx)
+            x.index_copy_(0, idx, fn(sub, par_dev[a:b]) if has_par else fn(sub))
         return x
 
-    def _random_erase(self, x: Tensor, g: torch.Generator) -> Tensor:
+    def _random_erase(self, x: Tensor, noise_gen: torch.Generator) -> Tensor:
         """timm RandomErasing(mode='pixel', max_count=1): one box of N(0, 1) noise."""
         B, C, H, W = x.shape
-        dev = x.device
         tries = 10
-        do = self._rand(g, B) < self.cfg.random_erase
-        area = (0.02 + (1 / 3 - 0.02) * self._rand(g, B, tries)) * (H * W)
+        do = self._u(B) < self.cfg.random_erase
+        area = (0.02 + (1 / 3 - 0.02) * self._u(B, tries)) * (H * W)
         lr = math.log(0.3), math.log(1 / 0.3)
-        aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * self._rand(g, B, tries))
-        h = torch.sqrt(area * aspect).round_()
-        w = torch.sqrt(area / aspect).round_()
+        aspect = _np(np.exp, lr[0] + (lr[1] - lr[0]) * self._u(B, tries))
+        h = _np(_sqrt_round, area * aspect)
+        w = _np(_sqrt_round, area / aspect)
         ok = (w < W) & (h < H)
         first = ok.long().argmax(dim=1, keepdim=True)
-        h, w = h.gather(1, first), w.gather(1, first)  # [B, 1]
-        top = torch.floor(self._rand(g, B, 1) * (H - h + 1))
-        left = torch.floor(self._rand(g, B, 1) * (W - w + 1))
-        do = do & ok.any(dim=1)
-        ys = torch.arange(H, device=dev, dtype=x.dtype).view(1, H, 1)
-        xs = torch.arange(W, device=dev, dtype=x.dtype).view(1, 1, W)
-        box = ((ys >= top.unsqueeze(2)) & (ys < (top + h).unsqueeze(2))
-               & (xs >= left.unsqueeze(2)) & (xs < (left + w).unsqueeze(2))).unsqueeze(1)
-        if not _sync_free(x):  # noise only for the erased samples
-            idx = do.nonzero().squeeze(1)
-            if idx.numel():
-                noise = torch.randn((idx.numel(), C, H, W), generator=g, device=dev)
-                x[idx] = torch.where(box[idx], noise, x[idx])
+        h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+        top = torch.floor(self._u(B) * (H - h + 1))
+        left = torch.floor(self._u(B) * (W - w + 1))
+        idx = (do & ok.any(dim=1)).nonzero().squeeze(1)
+        if idx.numel() == 0:
             return x
-        noise = torch.randn(x.shape, generator=g, device=dev)
-        return torch.where(box & _bcast(do), noise, x)
+        box = self._upload(torch.stack([idx.float(), top[idx], top[idx] + h[idx],
+                                        left[idx], left[idx] + w[idx]]).long(), x.device)
+        ys = torch.arange(H, device=x.device).view(1, 1, H, 1)
+        xs = torch.arange(W, device=x.device).view(1, 1, 1, W)
+        b = box[1:].view(4, -1, 1, 1, 1)
+        inside = (ys >= b[0]) & (ys < b[1]) & (xs >= b[2]) & (xs < b[3])   # [k, 1, H, W]
+        noise = torch.randn((idx.numel(), C, H, W), generator=noise_gen, device=x.device)
+        sel = box[0]
+        x.index_copy_(0, sel, torch.where(inside, noise, x.index_select(0, sel)))
+        return x
 
-    def _beta(self, alpha: float, g: torch.Generator) -> Tensor:
-        """Beta(alpha, alpha) from two gammas, drawn from our generator (0-d tensor)."""
-        conc = torch.full((2,), float(alpha), device=g.device)
-        ga = torch._standard_gamma(conc, generator=g)
-        return ga[0] / ga.sum().clamp_min(1e-12)
+    def _beta(self, alpha: float) -> float:
+        """Beta(alpha, alpha) from two gammas on the host generator."""
+        g = torch._standard_gamma(torch.full((2,), float(alpha), dtype=torch.float64), generator=self._host)
+        return float(g[0] / g.sum()) if g.sum() > 0 else 0.5
 
-    def _mix(self, x: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _mix(self, x: Tensor) -> tuple[Tensor, float]:
         """timm Mixup(mode='batch', correct_lam=True): mix with the flipped batch.
 
-        Everything stays a device tensor (no .item()): one weight map w covers
-        all cases - w = lam (mixup), 1 - box (cutmix), 1 (not applied).
+        The decision and lambda live on the host, as in timm, so cutmix is a
+        plain slice copy and nothing waits on the device.
         """
         cfg = self.cfg
-        B, _, H, W = x.shape
-        dev = x.device
-        apply = self._rand(g) < cfg.mix_prob
+        _, _, H, W = x.shape
+        if not float(self._u(1)) < cfg.mix_prob:
+            return x, 1.0
         if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
-            use_cut = self._rand(g) < 0.5   # timm switch_prob
+            use_cut = float(self._u(1)) < 0.5   # timm switch_prob
         else:
-            use_cut = torch.full((), cfg.cutmix_alpha > 0, device=dev)
-        lam_mix = self._beta(cfg.mixup_alpha, g) if cfg.mixup_alpha > 0 else torch.ones((), device=dev)
-        if cfg.cutmix_alpha > 0:
-            lam_cut = self._beta(cfg.cutmix_alpha, g)
-            cut_rat = torch.sqrt(1.0 - lam_cut)   # timm rand_bbox
-            ch, cw = torch.floor(H * cut_rat), torch.floor(W * cut_rat)
-            cy = torch.floor(self._rand(g) * H)
-            cx = torch.floor(self._rand(g) * W)
-            y0, y1 = (cy - torch.floor(ch / 2)).clamp(0, H), (cy + torch.floor(ch / 2)).clamp(0, H)
-            x0, x1 = (cx - torch.floor(cw / 2)).clamp(0, W), (cx + torch.floor(cw / 2)).clamp(0, W)
-            ys = torch.arange(H, device=dev, dtype=x.dtype).view(H, 1)
-            xs = torch.arange(W, device=dev, dtype=x.dtype).view(1, W)
-            box = (ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)
-            lam_cut = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)   # area-corrected
-            w_cut = (~box).to(x.dtype)
-        else:
-            lam_cut, w_cut = torch.ones((), device=dev), torch.ones((H, W), device=dev)
-        lam = torch.where(apply, torch.where(use_cut, lam_cut, lam_mix), torch.ones((), device=dev))
-        w = torch.where(apply, torch.where(use_cut, w_cut, lam_mix.expand(H, W)), torch.ones((H, W), device=dev))
-        if not _sync_free(x) and not bool(apply):
-            return x, lam
-        # lerp is exact at w in {0, 1}, so cutmix copies pixels bit for bit
-        return torch.lerp(x.flip(0), x, w), lam
+            use_cut = cfg.cutmix_alpha > 0
+        if not use_cut:
+            lam = self._beta(cfg.mixup_alpha)
+            flipped = x.flip(0)   # a copy, taken before x is scaled in place
+            return x.mul_(lam).add_(flipped, alpha=1.0 - lam), lam
+        lam = self._beta(cfg.cutmix_alpha)
+        cut_rat = math.sqrt(1.0 - lam)   # timm rand_bbox
+        ch, cw = int(H * cut_rat), int(W * cut_rat)
+        cy, cx = int(self._u(1) * H), int(self._u(1) * W)
+        y0, y1 = min(max(cy - ch // 2, 0), H), min(max(cy + ch // 2, 0), H)
+        x0, x1 = min(max(cx - cw // 2, 0), W), min(max(cx + cw // 2, 0), W)
+        x[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1].flip(0)
+        return x, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)   # area-corrected lambda
 
-    def _targets(self, labels: Tensor, lam: Tensor) -> Tensor:
+    def _targets(self, labels: Tensor, lam: float) -> Tensor:
         """timm mixup_target: smoothed one-hot, mixed with the flipped batch by lam."""
         K, s = self.num_classes, self.cfg.label_smoothing
         off = s / K
         y = torch.full((labels.shape[0], K), off, device=labels.device)
         y.scatter_(1, labels.view(-1, 1), 1.0 - s + off)
-        return y * lam + y.flip(0) * (1.0 - lam)
+        if lam == 1.0:
+            return y
+        return y.mul(lam).add_(y.flip(0), alpha=1.0 - lam)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

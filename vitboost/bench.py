@@ -21,7 +21,6 @@ import copy
 import csv
 import gc
 import json
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -169,6 +168,11 @@ def _device_name(device: torch.device) -> str:
     return f"cpu {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
+def _sig(v: float, digits: int = 4) -> float:
+    """Significant digits, so tiny test models do not round to 0."""
+    return float(f"{v:.{digits}g}")
+
+
 def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: str, world: int, dp: int, tp: int,
              pp: int, batch_size: int, steps: int, warmup: int, first_s: float | None, elapsed_s: float,
              flops_per_image: float, peak_tflops: float | None, peak_bytes: float | None, rss_bytes: float,
@@ -185,8 +189,8 @@ def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: st
         "img_per_s": round(img_per_s, 2), "img_per_s_per_gpu": round(img_per_s / world, 2),
         "step_time_ms": round(elapsed_s / steps * 1e3, 3),
         "compile_or_first_step_s": None if first_s is None else round(first_s, 3),
-        "gflop_per_image": round(flops_per_image / 1e9, 3),
-        "tflops_per_gpu": round(achieved / 1e12, 3),
+        "gflop_per_image": _sig(flops_per_image / 1e9),
+        "tflops_per_gpu": _sig(achieved / 1e12),
         "mfu": None if not peak_tflops else round(achieved / (peak_tflops * 1e12), 4),
         "peak_gib_per_gpu": None if peak_bytes is None else round(peak_bytes / 2**30, 3),
         "host_rss_gib": round(rss_bytes / 2**30, 3),
@@ -284,8 +288,9 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
     _check_layout(cfg, model, dims)
     config = copy.deepcopy(model.config)
     c = model.config
+    tokens = (c.image_size // c.patch_size) ** 2 + 1
     plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()),
-                     (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, (c.image_size // c.patch_size) ** 2 + 1))
+                     (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, tokens))
     if plan.reason:
         say(plan.reason)
     if device.type == "cuda":

@@ -58,9 +58,10 @@ class TrainConfig:
     device: str = "auto"
     # evaluation, logging, checkpoints
     eval_batch_size: int = 64
-    eval_every_epoch: bool = True
+    eval_every: int = 1  # validate every N epochs (0: only at the end)
     log_every: int = 10
-    save_every: int = 0  # also checkpoint every N optimizer steps (0: only at epoch ends)
+    save_every: int = 0  # also checkpoint every N optimizer steps
+    save_epochs: int = 1  # checkpoint every N epochs (the last state is always saved)
     keep_checkpoints: int = 2
     output: str = "runs/latest"
     resume: str | None = None  # "auto" or a checkpoint folder

@@ -45,7 +45,7 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def prepare_output(cfg: TrainConfig, is_main: bool) -> Path:
+def check_output(cfg: TrainConfig, is_main: bool) -> Path:
     """Refuse to mix two runs in one folder unless asked to resume or overwrite."""
     out = Path(cfg.output)
     if is_main:
@@ -55,10 +55,14 @@ def prepare_output(cfg: TrainConfig, is_main: bool) -> Path:
         if holds_run and cfg.resume is None and not cfg.overwrite:
             raise ConfigError(f"--output {out} already holds a run; pass --resume auto to continue it, "
                               f"--overwrite to replace it, or another --output")
-        if holds_run and cfg.overwrite and cfg.resume is None:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def claim_output(cfg: TrainConfig, out: Path) -> None:
+    """Create (or, with --overwrite, empty) the output folder once data and model are known good."""
+    if cfg.overwrite and cfg.resume is None and (out / RUN_MARKER).exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 class Logger:
@@ -84,8 +88,7 @@ def train(cfg: TrainConfig) -> dict:
     dims.build_mesh(device.type)
     dp_rank = dims.mesh["dp"].get_local_rank()
     dp_group = dims.mesh["dp"].get_group() if dims.dp_enabled else None
-    out = prepare_output(cfg, is_main)
-    _barrier()
+    out = check_output(cfg, is_main)
 
     # model config first: the input size and normalization come from it
     torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP/TP do not broadcast)
@@ -99,6 +102,7 @@ def train(cfg: TrainConfig) -> dict:
                           f"use a model whose image_size is {size} or a local folder")
     _check_layout(cfg, model, dims)
     if is_main:
+        claim_output(cfg, out)
         save_run_config(model, pre, out)  # before parallelization touches the model
     c = model.config
     plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()),
@@ -201,16 +205,17 @@ def train(cfg: TrainConfig) -> dict:
                 checkpoint()
         if batch_in_epoch >= steps_per_epoch * cfg.grad_accum:
             epoch, batch_in_epoch = epoch + 1, 0
-            if cfg.eval_every_epoch and "validation" in data.splits:
+            if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
                 m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
                 history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(**history[-1])
                 if is_main:
                     bar.write(f"epoch {epoch}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
-            checkpoint()
+            if epoch % cfg.save_epochs == 0 or epoch == cfg.epochs or step >= total_steps:
+                checkpoint()
     bar.close()
-    if batch_in_epoch != 0:
-        checkpoint()  # stopped by --max_steps mid-epoch: keep the last state too
+    if latest_checkpoint(ckpt_root) is None or int(latest_checkpoint(ckpt_root).name[5:]) != step:
+        checkpoint()  # stopped by --max_steps or between --save_epochs: keep the last state
     train_seconds = time.perf_counter() - t_train
 
     results = {}

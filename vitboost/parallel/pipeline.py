@@ -120,8 +120,10 @@ _PIPELINED_CLASSES: dict[type, type] = {}
 
 
 def _pipelined_class(cls: type) -> type:
+    """A subclass with the same name, so HF code that reads the class name (config.architectures) is unaffected."""
     if cls not in _PIPELINED_CLASSES:
-        _PIPELINED_CLASSES[cls] = type(f"Pipelined{cls.__name__}", (_PipelinedMixin, cls), {})
+        _PIPELINED_CLASSES[cls] = type(cls.__name__, (_PipelinedMixin, cls),
+                                       {"__qualname__": cls.__qualname__, "__module__": cls.__module__})
     return _PIPELINED_CLASSES[cls]
 
 
@@ -201,6 +203,17 @@ def _autocast_key(device: torch.device) -> tuple:
     if torch.is_autocast_enabled(device.type):
         return (True, torch.get_autocast_dtype(device.type))
     return (False, None)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free FSDP's unsharded params after an eval forward (reshard_after_forward=False keeps
+    them, and no backward follows to do it). Without this, model.parameters() would return
+    the unsharded tensors, and an optimizer or checkpoint built afterwards would see those
+    instead of the sharded DTensors that FSDP trains."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _local(t: Tensor) -> Tensor:
@@ -335,19 +348,25 @@ class PipelineRunner:
         else:
             logits = torch.empty(padded, self.model_part.config.num_labels, device=self.device)
         dist.broadcast(logits, src=self._last_global, group=self.group)
+        _reshard(self.model_part)
         return logits[:b]
 
 
 # ----------------------------------------------------------------------------- clipping
 
-def clip_grad_norm_(params: Iterable[Tensor], max_norm: float, pp_group: dist.ProcessGroup | None = None,
+def clip_grad_norm_(params: Iterable[Tensor], max_norm: float,
+                    pp_group: DeviceMesh | dist.ProcessGroup | None = None,
                     norm_type: float = 2.0, foreach: bool | None = None) -> Tensor:
     """Clip gradients by their global norm over every pp rank (and over DTensor meshes:
     FSDP shards / TP), so all ranks scale by the same factor a single process would.
+    ``pp_group=None``: no pp reduction (a plain DTensor-aware clip).
 
     Returns the total norm (fp32 plain tensor, same on every rank).
     """
     from torch.distributed.tensor import DTensor
+
+    if pp_group is not None:
+        pp_group = _pp_group(pp_group)
 
     params = [p for p in params if p.grad is not None]
     norm_type = float(norm_type)

@@ -2,9 +2,10 @@
 
 Inside each transformer block, q/k/v and the MLP's first linear are split by
 output features (colwise) and the attention output and the MLP's second linear
-by input features (rowwise), so a block costs one all-reduce forward (after each
-rowwise linear) and one backward (at each colwise input). Activations between
-modules stay plain local tensors, as in torchtitan's ``apply_tp``.
+by input features (rowwise), so a block costs two all-reduces forward (after
+each rowwise linear) and two backward (at the attention and the MLP inputs).
+Activations between modules stay plain local tensors, as in torchtitan's
+``apply_tp``.
 
 Everything else (embeddings, layernorms, classifier) is replicated, but its
 parameters are made ``Replicate`` DTensors on the TP mesh, so that every
@@ -14,6 +15,7 @@ callers never see a DTensor activation.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -80,13 +82,22 @@ def _check_divisible(block_name: str, block: nn.Module, layout: dict[str, Any], 
             f"intermediate_size={inter} (block {block_name}); use --tp_size in {ok}")
 
 
-def _to_replicate(mesh: DeviceMesh, tree: Any) -> Any:
+def _inputs_to_replicate(mesh: DeviceMesh, _module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Forward pre-hook: plain tensor inputs become Replicate DTensors (no check, no comm)."""
     return tree_map_only(torch.Tensor, lambda t: t if isinstance(t, DTensor) else
-                         DTensor.from_local(t, mesh, [Replicate()], run_check=False), tree)
+                         DTensor.from_local(t, mesh, [Replicate()], run_check=False), (args, kwargs))
 
 
-def _to_local(tree: Any) -> Any:
-    return tree_map_only(DTensor, lambda t: t.to_local(), tree)
+def _hidden_to_replicate(mesh: DeviceMesh, _module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Forward pre-hook on the attention: q, k and v share one Replicate DTensor input,
+    so backward sums their partial input grads first and all-reduces once, not thrice."""
+    hidden, *rest = args
+    return (DTensor.from_local(hidden, mesh, [Replicate()], run_check=False), *rest), kwargs
+
+
+def _outputs_to_local(_module: nn.Module, _args: tuple, output: Any) -> Any:
+    """Forward hook: DTensor outputs go back to plain (replicated) local tensors."""
+    return tree_map_only(DTensor, lambda t: t.to_local(), output)
 
 
 def _replicate(module: nn.Module, mesh: DeviceMesh, sharded: set[nn.Module]) -> None:
@@ -102,9 +113,8 @@ def _replicate(module: nn.Module, mesh: DeviceMesh, sharded: set[nn.Module]) -> 
     if not any(m in sharded for m in module.modules()):
         if any(True for _ in module.parameters()):
             distribute_module(module, mesh)  # default partition: replicate params and buffers
-            module.register_forward_pre_hook(
-                lambda _m, args, kwargs: _to_replicate(mesh, (args, kwargs)), with_kwargs=True)
-            module.register_forward_hook(lambda _m, _args, out: _to_local(out))
+            module.register_forward_pre_hook(partial(_inputs_to_replicate, mesh), with_kwargs=True)
+            module.register_forward_hook(_outputs_to_local)
         return
     own = [n for n, _ in module.named_parameters(recurse=False)]
     if own:
@@ -137,6 +147,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         sharded.update(block.get_submodule(n) for n in plan)
         # q/k/v now hold heads/tp heads per rank: the reshapes must use the local count.
         attn = block.get_submodule(layout["attention"])
+        attn.register_forward_pre_hook(partial(_hidden_to_replicate, tp_mesh), with_kwargs=True)
         for attr in _HEAD_ATTRS:
             if hasattr(attn, attr):
                 setattr(attn, attr, getattr(attn, attr) // tp)

@@ -1,0 +1,101 @@
+"""Bad input: one clear line on stderr naming the problem and the fix, exit code 2, nothing half-written."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_imagefolder, train_args
+from vitboost.cli import main
+
+
+def fails_with(capsys, args: list[str], *phrases: str) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for phrase in phrases:
+        assert phrase in err, err
+    return err
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    return make_imagefolder(tmp_path / "data", {"train": 2, "validation": 1})
+
+
+def test_missing_dataset_folder(capsys, tmp_path):
+    fails_with(capsys, train_args(tmp_path / "nope", tmp_path / "run"), "does not exist")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_class_folder(capsys, data, tmp_path):
+    (data / "train" / "empty_class").mkdir()
+    fails_with(capsys, train_args(data, tmp_path / "run"), "empty_class")
+    assert not (tmp_path / "run").exists()
+
+
+def test_validation_label_unknown_to_train(capsys, data, tmp_path):
+    shutil.copytree(data / "validation" / "healthy", data / "validation" / "mystery")
+    fails_with(capsys, train_args(data, tmp_path / "run"), "mystery")
+
+
+def test_corrupt_image_is_named_and_can_be_skipped(capsys, data, tmp_path):
+    bad = data / "train" / "healthy" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    fails_with(capsys, train_args(data, tmp_path / "run"), "broken.jpg", "--skip_bad_images")
+    assert main(train_args(data, tmp_path / "run", "--epochs", "1", "-b", "2", "--skip_bad_images")) == 0
+
+
+def test_grayscale_cmyk_and_rgba_images_are_converted_not_rejected(capsys, data, tmp_path):
+    from PIL import Image
+    src = next((data / "train" / "healthy").iterdir())
+    img = Image.open(src)
+    img.convert("L").save(data / "train" / "healthy" / "gray.jpg")
+    img.convert("CMYK").save(data / "train" / "healthy" / "cmyk.jpg")
+    img.convert("RGBA").save(data / "train" / "healthy" / "rgba.png")
+    assert main(train_args(data, tmp_path / "run", "--epochs", "1", "-b", "3")) == 0
+
+
+def test_unknown_model(capsys, data, tmp_path):
+    fails_with(capsys, train_args(data, tmp_path / "run", "--model", "vit-enormous"), "vit-enormous", "vit-base")
+
+
+def test_hub_model_unreachable_names_the_offline_alternative(capsys, data, tmp_path):
+    fails_with(capsys, train_args(data, tmp_path / "run", "--model", "google/vit-base-patch16-224"),
+               "google/vit-base-patch16-224", "--pretrained none")
+
+
+def test_unreadable_config(capsys, data, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("epochs: [1, 2\n")
+    fails_with(capsys, train_args(data, tmp_path / "run", "--config", str(cfg)), "bad.yaml", "YAML")
+    cfg.write_text("epochz: 3\n")
+    fails_with(capsys, train_args(data, tmp_path / "run", "--config", str(cfg)), "epochz")
+
+
+def test_output_holding_another_run_is_refused_unless_resume_or_overwrite(capsys, data, tmp_path):
+    run = tmp_path / "run"
+    assert main(train_args(data, run, "--epochs", "1", "-b", "3")) == 0
+    before = sorted(p.name for p in run.iterdir())
+    fails_with(capsys, train_args(data, run, "--epochs", "1", "-b", "3"), "--resume auto", "--overwrite")
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert main(train_args(data, run, "--epochs", "1", "-b", "3", "--overwrite")) == 0
+
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--mixed_precision", "fp16"], "fp16"),
+    (["--plugin", "torch_ddp_fp16"], "fp16"),
+    (["--plugin", "hybrid_parallel", "--pp_size", "2"], "world size 1"),
+    (["--tp_size", "2"], "hybrid_parallel"),
+    (["--lr", "-1"], "--lr"),
+])
+def test_configs_that_cannot_run(capsys, data, tmp_path, extra, phrase):
+    fails_with(capsys, train_args(data, tmp_path / "run", *extra), phrase)
+
+
+def test_predict_on_missing_image(capsys, tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(tmp_path / "m")
+    fails_with(capsys, ["predict", "--model", str(tmp_path / "m"), str(tmp_path / "missing.jpg")], "missing.jpg")

@@ -1,0 +1,110 @@
+"""The guarantee: a strategy changes speed and memory, never the result.
+
+Every strategy and layout trains the same 4-layer micro ViT on the same global batches
+(CPU, gloo, fp32, fixed seed) and must reproduce the single-process run: each logged
+step's loss and every final parameter within 1e-5 relative, and identical eval metrics.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.distributed import run_distributed
+from vitboost.config import TrainConfig
+
+RTOL = 1e-5
+GLOBAL_BATCH = 8
+# Attention key biases get an exactly-zero true gradient (softmax ignores a constant shift),
+# so Adam updates them from float rounding noise alone: they are checked to stay at noise
+# level (absolute 1e-5) instead of relative to their own ~1e-6 size.
+ZERO_GRAD = ("key.bias", "k_proj.bias")
+
+
+def assert_params_close(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
+    """Per tensor: ||other - ref|| <= 1e-5 * ||ref|| (relative error in norm, as fp32 rounding allows)."""
+    assert ref.keys() == other.keys()
+    for k, a in ref.items():
+        err = (other[k] - a).norm().item()
+        bound = 1e-5 * a.numel() ** 0.5 if k.endswith(ZERO_GRAD) else RTOL * a.norm().item() + 1e-7
+        assert err <= bound, f"{k}: ||diff|| {err:.3g} > {bound:.3g}"
+
+
+def _train(overrides: dict) -> None:
+    from vitboost.train import train
+    train(TrainConfig(**overrides))
+
+
+def base(data: Path, model: Path, out: Path, **kw) -> dict:
+    return {"model": str(model), "pretrained": "none", "dataset": str(data), "output": str(out),
+            "cache_dir": str(out.parent / "cache"), "epochs": 2, "max_steps": 5, "batch_size": GLOBAL_BATCH,
+            "lr": 1e-3, "warmup_ratio": 0.2, "seed": 7, "log_every": 1, "progress": False,
+            "eval_batch_size": 4, "mixed_precision": "fp32", "device": "cpu", **kw}
+
+
+def result(out: Path) -> tuple[list[float], dict[str, torch.Tensor], dict]:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return losses, load_file(out / "model" / "model.safetensors"), json.loads((out / "summary.json").read_text())
+
+
+def assert_same(ref: Path, other: Path) -> None:
+    l0, w0, s0 = result(ref)
+    l1, w1, s1 = result(other)
+    assert len(l0) == len(l1) == 5
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=RTOL, atol=0)
+    assert_params_close(w0, w1)
+    for split in ("validation", "test"):
+        assert s1["eval"][split]["num_samples"] == s0["eval"][split]["num_samples"]
+        assert s1["eval"][split]["confusion_matrix"] == s0["eval"][split]["confusion_matrix"]
+        assert abs(s1["eval"][split]["loss"] - s0["eval"][split]["loss"]) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out))
+    return out
+
+
+CASES = {
+    # name: (processes, overrides); batch_size is per data-parallel rank
+    "torch_ddp": (2, {"plugin": "torch_ddp", "batch_size": 4}),
+    "zero1": (2, {"plugin": "low_level_zero", "zero_stage": 1, "batch_size": 4}),
+    "zero2": (2, {"plugin": "low_level_zero", "zero_stage": 2, "batch_size": 4}),
+    "fsdp": (2, {"plugin": "fsdp", "batch_size": 4}),
+    "gemini": (2, {"plugin": "gemini", "batch_size": 4}),
+    "tp2": (2, {"plugin": "hybrid_parallel", "tp_size": 2}),
+    "pp2_1f1b": (2, {"plugin": "hybrid_parallel", "pp_size": 2}),
+    "pp2_gpipe": (2, {"plugin": "hybrid_parallel", "pp_size": 2, "pp_schedule": "GPipe"}),
+    "pp2_interleaved": (2, {"plugin": "hybrid_parallel", "pp_size": 2, "pp_schedule": "Interleaved1F1B"}),
+    "tp2_pp2": (4, {"plugin": "hybrid_parallel", "tp_size": 2, "pp_size": 2}),
+    "pp2_dp2": (4, {"plugin": "hybrid_parallel", "pp_size": 2, "batch_size": 4}),
+    "tp2_dp2": (4, {"plugin": "hybrid_parallel", "tp_size": 2, "batch_size": 4}),
+    "grad_accum": (1, {"batch_size": 4, "grad_accum": 2}),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_strategy_reproduces_single_process(name, reference, tiny_beans, vit4_dir, tmp_path):
+    procs, overrides = CASES[name]
+    out = tmp_path / "run"
+    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, **overrides))
+    assert_same(reference, out)
+
+
+def test_checkpoint_saved_under_pp2_resumes_in_one_process(tiny_beans, vit4_dir, tmp_path):
+    """Save with pipeline parallel on 2 ranks (each holding half the blocks and their Adam
+    states), resume the second epoch on one process: same as never switching layout."""
+    one = tmp_path / "one"
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, one, epochs=1, max_steps=None))
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, one, epochs=2, max_steps=None, resume="auto"))
+    switched = tmp_path / "switched"
+    run_distributed(_train, 2, base(tiny_beans, vit4_dir, switched, epochs=1, max_steps=None,
+                                    plugin="hybrid_parallel", pp_size=2))
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, switched, epochs=2, max_steps=None, resume="auto"))
+    assert_params_close(load_file(one / "model" / "model.safetensors"),
+                        load_file(switched / "model" / "model.safetensors"))
