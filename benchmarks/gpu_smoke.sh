@@ -21,5 +21,5 @@ run fsdp --plugin fsdp
 run gemini --plugin gemini
 run tp2 --plugin hybrid_parallel --tp_size 2
 run pp2 --plugin hybrid_parallel --pp_size 2
-run pp2_fp16 --plugin hybrid_parallel --pp_size 2 --mixed_precision fp16
+run pp2_fp16_refused --plugin hybrid_parallel --pp_size 2 --mixed_precision fp16  # expected: one-line error
 run compile_ddp --plugin torch_ddp --compile

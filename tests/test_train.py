@@ -155,3 +155,10 @@ def test_local_pretrained_folder_loads_weights_and_reinitializes_only_the_head(t
         if not k.startswith("classifier"):
             assert torch.equal(v, s[k]), k
     assert any("re-initialized" in l and "classifier.weight" in l for l in lines)
+
+
+def test_plot_writes_curves_and_confusion_matrices(tiny_beans, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_args(tiny_beans, out, "--plot")) == 0
+    for name in ("curves.png", "confusion_validation.png", "confusion_test.png"):
+        assert (out / name).stat().st_size > 1000, name

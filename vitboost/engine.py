@@ -89,8 +89,10 @@ class Engine:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         groups = param_groups(self.model, self.cfg.weight_decay)
         kw: dict = dict(lr=self.cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-        if self.device.type == "cuda" or self.plan.cpu_offload:
-            # fused: one kernel for all params on GPU; on CPU (gemini) a vectorized, multi-threaded step
+        sharded_fp16 = self.plan.precision == "fp16" and self._sharded_scaler
+        if (self.device.type == "cuda" or self.plan.cpu_offload) and not sharded_fp16:
+            # fused: one kernel for all params on GPU; on CPU (gemini) a vectorized, multi-threaded step.
+            # Not with ShardedGradScaler: it hands fused Adam a found_inf of shape [1], which it rejects.
             kw["fused"] = True
         if self.plan.zero1:
             return zero1_optimizer(groups, self.dims.mesh["dp"], **kw)
@@ -99,11 +101,15 @@ class Engine:
     def _build_scaler(self):
         if self.plan.precision != "fp16":
             return None
-        if self.plan.data_parallel == "fsdp" or self.dims.pp_enabled or self.dims.tp_enabled:
+        if self._sharded_scaler:
             # sharded grads: every rank must agree on inf/nan, so the check is all-reduced
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
             return ShardedGradScaler(init_scale=2.0 ** 16, process_group=dist.group.WORLD)
         return torch.amp.GradScaler(self.device.type)
+
+    @property
+    def _sharded_scaler(self) -> bool:
+        return self.plan.data_parallel == "fsdp" or self.dims.pp_enabled or self.dims.tp_enabled
 
     def autocast(self):
         if self.plan.dtype is None:

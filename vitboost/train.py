@@ -173,8 +173,10 @@ def train(cfg: TrainConfig) -> dict:
 
     history: list[dict] = []
     t_train = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=step, disable=not (is_main and cfg.progress), dynamic_ncols=True,
-               file=sys.stdout, desc="train")
+    # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
+    live = is_main and cfg.progress and sys.stdout.isatty()
+    bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
+    print_every = max(cfg.log_every, total_steps // 20)
     window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
     while epoch < cfg.epochs and step < total_steps:
         batches = iterate_batches(len(train_split), global_batch, shuffle=True, seed=cfg.seed, epoch=epoch,
@@ -199,6 +201,9 @@ def train(cfg: TrainConfig) -> dict:
                        "grad_norm": round(float(grad_norm), 6), "img_per_s": round(window_imgs / elapsed, 1)}
                 log(**row)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+                if is_main and cfg.progress and not live and (step % print_every < cfg.log_every or step == total_steps):
+                    print(f"step {step}/{total_steps} epoch {epoch + 1} loss {loss:.4f} lr {row['lr']:.2e} "
+                          f"grad_norm {row['grad_norm']:.3f} img/s {row['img_per_s']:.0f}", flush=True)
                 window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
             bar.update(1)
             if cfg.save_every and step % cfg.save_every == 0:

@@ -7,6 +7,7 @@ still present in the mesh, so code can always ask for ``mesh["dp"]``.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass, field
 
 import torch
@@ -83,11 +84,20 @@ def init_distributed(device_type: str) -> None:
     """
     if dist.is_initialized():
         return
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    # CPU tensors (gemini's offloaded grads, the grad-norm of CPU shards) need gloo beside nccl
+    backend = "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
     _, local_rank, world = world_info()
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if "WORLD_SIZE" not in os.environ:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's store outlives a restart: prefix every key with the attempt, or the restarted
+        # ranks read the dead ranks' gloo/nccl addresses for their sub-groups and hang
+        rank = int(os.environ["RANK"])
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                             is_master=False, timeout=timedelta(minutes=10))
+        store = dist.PrefixStore(f"vitboost/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
     else:
         dist.init_process_group(backend)
