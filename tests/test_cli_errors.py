@@ -99,3 +99,18 @@ def test_predict_on_missing_image(capsys, tmp_path):
     ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                         intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(tmp_path / "m")
     fails_with(capsys, ["predict", "--model", str(tmp_path / "m"), str(tmp_path / "missing.jpg")], "missing.jpg")
+
+
+def test_layouts_that_do_not_fit_the_model():
+    from vitboost.config import ConfigError, TrainConfig
+    from vitboost.model import build_model
+    from vitboost.parallel.dims import LayoutError, ParallelDims
+    from vitboost.train import _check_layout
+    model, _ = build_model("vit-micro", ["a", "b"], log=lambda *_: None)  # 4 heads, 2 layers
+    cfg = TrainConfig(plugin="hybrid_parallel")
+    with pytest.raises(ConfigError, match="4 attention heads are not divisible by --tp_size 3"):
+        _check_layout(cfg, model, ParallelDims(3, tp=3))
+    with pytest.raises(ConfigError, match="2 layers cannot fill 4 pipeline stages"):
+        _check_layout(cfg, model, ParallelDims(4, pp=4))
+    with pytest.raises(LayoutError, match="world size 6 is not divisible by tp_size\\*pp_size = 2\\*2"):
+        ParallelDims(6, tp=2, pp=2)

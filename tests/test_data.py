@@ -1,7 +1,6 @@
 """Tests for vitboost.data: loading, caching, conversion, errors, batching, parquet and hub paths."""
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess

@@ -38,7 +38,8 @@ DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense tensor cores
 FIELDS = ("name", "model", "plugin", "strategy", "world_size", "dp", "tp", "pp", "precision", "batch_size",
           "global_batch", "steps", "warmup", "img_per_s", "img_per_s_per_gpu", "step_time_ms",
           "compile_or_first_step_s", "gflop_per_image", "tflops_per_gpu", "mfu", "peak_gib_per_gpu",
-          "host_rss_gib", "compile", "grad_checkpoint", "loss", "device", "torch", "transformers", "date")
+          "state_gib_per_rank", "host_rss_gib", "compile", "grad_checkpoint", "loss", "device", "torch",
+          "transformers", "date")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -176,7 +177,7 @@ def _sig(v: float, digits: int = 4) -> float:
 def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: str, world: int, dp: int, tp: int,
              pp: int, batch_size: int, steps: int, warmup: int, first_s: float | None, elapsed_s: float,
              flops_per_image: float, peak_tflops: float | None, peak_bytes: float | None, rss_bytes: float,
-             compile: bool, grad_checkpoint: bool, loss: float, device: torch.device) -> dict[str, Any]:
+             compile: bool, state_bytes: float | None = None, grad_checkpoint: bool, loss: float, device: torch.device) -> dict[str, Any]:
     """One result. global_batch counts each image once: batch_size x dp (TP/PP ranks share images)."""
     import transformers
     global_batch = batch_size * dp
@@ -193,6 +194,7 @@ def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: st
         "tflops_per_gpu": _sig(achieved / 1e12),
         "mfu": None if not peak_tflops else round(achieved / (peak_tflops * 1e12), 4),
         "peak_gib_per_gpu": None if peak_bytes is None else round(peak_bytes / 2**30, 3),
+        "state_gib_per_rank": None if state_bytes is None else round(state_bytes / 2**30, 4),
         "host_rss_gib": round(rss_bytes / 2**30, 3),
         "compile": compile, "grad_checkpoint": grad_checkpoint, "loss": round(loss, 5),
         "device": _device_name(device), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -204,7 +206,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols = [("name", "name"), ("strategy", "strategy"), ("world_size", "gpus"), ("precision", "prec"),
             ("global_batch", "batch"), ("img_per_s", "img/s"), ("img_per_s_per_gpu", "img/s/gpu"),
             ("step_time_ms", "step ms"), ("compile_or_first_step_s", "first s"), ("mfu", "mfu"),
-            ("peak_gib_per_gpu", "peak GiB"), ("host_rss_gib", "rss GiB")]
+            ("peak_gib_per_gpu", "peak GiB"), ("state_gib_per_rank", "state GiB"), ("host_rss_gib", "rss GiB")]
     cell = lambda v: "-" if v is None else f"{v:,.1f}" if isinstance(v, float) and v >= 100 else str(v)  # noqa: E731
     table = [[h for _, h in cols]] + [[cell(r[k]) for k, _ in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
@@ -309,15 +311,33 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
 
     first, elapsed, loss = time_steps(step, args.steps, args.warmup, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1.0
-    elapsed, first_m, peak, rss = _max_over_ranks([elapsed, -1.0 if first is None else first, peak,
-                                                   _host_rss_bytes()], device)
+    elapsed, first_m, peak, rss, state = _max_over_ranks([elapsed, -1.0 if first is None else first, peak,
+                                                          _host_rss_bytes(), training_state_bytes(engine)], device)
     row = make_row(name="vitboost", model=cfg.model, plugin=plan.plugin, strategy=strategy, precision=plan.precision,
                    world=world, dp=dims.dp, tp=dims.tp, pp=dims.pp, batch_size=cfg.batch_size, steps=args.steps,
                    warmup=args.warmup, first_s=None if first is None else first_m, elapsed_s=elapsed,
                    flops_per_image=vit_flops_per_image(config), peak_tflops=_peak(args, device),
-                   peak_bytes=None if peak < 0 else peak, rss_bytes=rss, compile=cfg.compile,
+                   peak_bytes=None if peak < 0 else peak, rss_bytes=rss, compile=cfg.compile, state_bytes=state,
                    grad_checkpoint=cfg.grad_checkpoint, loss=float(loss), device=device)
     return row, config, pre, (x, y)
+
+
+def training_state_bytes(engine) -> float:
+    """Bytes this rank keeps between steps for training state: its (shards of) parameters, a
+    gradient of the same size, and the optimizer states it owns. Counted from the tensors, so
+    ZeRO/FSDP savings are measured, not assumed; independent of the device, so CPU runs give the
+    same numbers a GPU would (gemini keeps all of it on the CPU)."""
+    from torch.distributed.tensor import DTensor
+
+    def nbytes(t: Tensor) -> int:
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    params = sum(nbytes(p) for p in engine.params)
+    opt, _ = engine.optimizer_and_model()
+    states = sum(nbytes(v) for st in opt.state.values() for v in st.values()
+                 if isinstance(v, Tensor) and v.numel() > 1)
+    return float(2 * params + states)
 
 
 def _peak(args: argparse.Namespace, device: torch.device) -> float | None:

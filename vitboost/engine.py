@@ -17,11 +17,11 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from .config import ConfigError, TrainConfig
 from .parallel.dims import ParallelDims
 from .parallel.parallelize import parallelize
+from .parallel.pipeline import PipelineRunner, clip_grad_norm_, split_model
 from .parallel.plan import Plan
 from .parallel.zero import zero1_optimizer
 
@@ -40,22 +40,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def clip_grad_norm_(params: list[Tensor], max_norm: float, pp_group: dist.ProcessGroup | None) -> Tensor:
-    """Global grad-norm clipping that is right under FSDP/TP (DTensor grads) and PP (each rank
-    holds only its stages' grads, so the squared norms are summed across the pipeline)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    if pp_group is not None:
-        total = total ** 2
-        dist.all_reduce(total, group=pp_group)
-        total = total.sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return total
-
-
 class Engine:
     def __init__(self, model: nn.Module, cfg: TrainConfig, dims: ParallelDims, plan: Plan,
                  device: torch.device, loss_fn: LossFn):
@@ -64,7 +48,6 @@ class Engine:
         self.runner = None
         stages = None
         if dims.pp_enabled:
-            from .parallel.pipeline import split_model
             per_rank = 2 if cfg.pp_schedule == "Interleaved1F1B" else 1
             model, stages = split_model(model, mesh["pp"].get_local_rank(), dims.pp, stages_per_rank=per_rank)
         if not plan.cpu_offload:
@@ -76,7 +59,6 @@ class Engine:
         self.scaler = self._build_scaler()
         self._accum = 1
         if stages is not None:
-            from .parallel.pipeline import PipelineRunner
             mb = cfg.microbatch_size or max(1, cfg.batch_size // (2 * dims.pp))
             if cfg.batch_size % mb:
                 raise ConfigError(f"--batch_size {cfg.batch_size} (per data-parallel rank) is not divisible by "
@@ -154,7 +136,9 @@ class Engine:
         """Clip, step, zero grads. Returns the global grad norm (a device tensor: no host sync)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = clip_grad_norm_(self.params, self.cfg.max_grad_norm, self.pp_group)
+        # the global norm over TP/FSDP shards and all pipeline stages; max_grad_norm <= 0: measure only
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        norm = clip_grad_norm_(self.params, max_norm, self.pp_group)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()

@@ -47,7 +47,7 @@ class Preprocess:
                 "image_mean": list(self.mean), "image_std": list(self.std)}
 
 
-def _read_preprocess(folder: Path, image_size: int) -> Preprocess:
+def read_preprocess(folder: Path, image_size: int) -> Preprocess:
     p = folder / "preprocessor_config.json"
     if not p.is_file():
         return Preprocess(image_size)
@@ -135,14 +135,14 @@ def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", 
         raise ModelError(f"cannot build model {name!r}: {str(e).splitlines()[0]}") from None
     if model.config.model_type != "vit":
         raise ModelError(f"{name!r} is a {model.config.model_type!r} model; vitboost trains ViT (model_type 'vit')")
-    pre = _read_preprocess(folder, model.config.image_size) if is_local else _hub_preprocess(name, model.config.image_size)
+    pre = read_preprocess(folder, model.config.image_size) if is_local else _hub_preprocess(name, model.config.image_size)
     return model, pre
 
 
 def _hub_preprocess(name: str, image_size: int) -> Preprocess:
     try:
         from huggingface_hub import hf_hub_download
-        return _read_preprocess(Path(hf_hub_download(name, "preprocessor_config.json")).parent, image_size)
+        return read_preprocess(Path(hf_hub_download(name, "preprocessor_config.json")).parent, image_size)
     except Exception:  # weights loaded but no processor config: ViT defaults
         return Preprocess(image_size)
 

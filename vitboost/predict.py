@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .data import decode_image, load_image_dataset, normalize  # noqa
+from .data import decode_image, load_image_dataset, normalize
 from .evaluate import evaluate
-from .model import ModelError, Preprocess, _read_preprocess, build_model, export_pretrained
+from .model import ModelError, Preprocess, export_pretrained, read_preprocess
 
 
 class LocalModel:
@@ -28,7 +28,7 @@ class LocalModel:
             raise ModelError(f"--model {folder} is not a trained model folder (no config.json); "
                              f"pass <output>/model from a run, or export one with `vitboost export`")
         self.model = ViTForImageClassification.from_pretrained(path).to(self.device).eval()
-        self.pre = _read_preprocess(path, self.model.config.image_size)
+        self.pre = read_preprocess(path, self.model.config.image_size)
         self.label_names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
     @torch.no_grad()
@@ -84,7 +84,7 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
                          f"is {checkpoint} a vitboost run?")
     model = ViTForImageClassification(ViTConfig.from_pretrained(hf))
     load_model_weights(step, model)
-    export_pretrained(model, _read_preprocess(hf, model.config.image_size), out)
+    export_pretrained(model, read_preprocess(hf, model.config.image_size), out)
     return out
 
 
@@ -96,5 +96,3 @@ def save_run_config(model, pre: Preprocess, run: Path) -> None:
     import json
     (export_dir / "preprocessor_config.json").write_text(json.dumps(pre.to_hf(), indent=2))
 
-
-__all__ = ["Predictor", "LocalModel", "evaluate_folder", "export_checkpoint", "save_run_config", "build_model"]

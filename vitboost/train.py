@@ -10,8 +10,6 @@ process on the whole batch. Tensor and pipeline ranks of one dp group take the s
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import sys
 import time
@@ -261,13 +259,13 @@ def _load_data(cfg: TrainConfig, size: int, is_main: bool, say) -> ImageDataset:
 
 
 def _model_image_size(cfg: TrainConfig) -> int:
-    from .model import NAMED_CONFIGS, _read_preprocess
+    from .model import NAMED_CONFIGS, read_preprocess
     if cfg.model in NAMED_CONFIGS:
         return cfg.image_size or NAMED_CONFIGS[cfg.model][5]
     folder = Path(cfg.model).expanduser()
     if (folder / "config.json").is_file():
         size = json.loads((folder / "config.json").read_text()).get("image_size", 224)
-        return _read_preprocess(folder, size).image_size
+        return read_preprocess(folder, size).image_size
     return 224  # hub ids: every google/vit-*-224 model; build_model checks the real value
 
 
