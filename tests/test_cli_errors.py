@@ -89,6 +89,8 @@ def test_output_holding_another_run_is_refused_unless_resume_or_overwrite(capsys
     (["--plugin", "hybrid_parallel", "--pp_size", "2"], "world size 1"),
     (["--tp_size", "2"], "hybrid_parallel"),
     (["--lr", "-1"], "--lr"),
+    (["--mixup", "-1"], "--mixup"),
+    (["--label_smoothing", "1.5"], "--label_smoothing"),
 ])
 def test_configs_that_cannot_run(capsys, data, tmp_path, extra, phrase):
     fails_with(capsys, train_args(data, tmp_path / "run", *extra), phrase)

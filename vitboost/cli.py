@@ -17,6 +17,14 @@ from .config import PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, make_config
 BOOL = argparse.BooleanOptionalAction
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
     a("--config", help="YAML file of options; flags given here override it")
@@ -53,7 +61,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--microbatch_size", type=int)
     g.add_argument("--pp_schedule", choices=PP_SCHEDULES)
     g.add_argument("--mixed_precision", choices=PRECISIONS)
-    g.add_argument("--grad_checkpoint", action=BOOL, default=None)
+    g.add_argument("--grad_checkpoint", nargs="?", const=True, type=_bool, default=None,
+                   help="activation checkpointing per block (ColossalAI's `--grad_checkpoint True` works too)")
     g.add_argument("--compile", action=BOOL, default=None)
     g.add_argument("--device", choices=("auto", "cuda", "cpu"))
     g = p.add_argument_group("evaluation, logging, checkpoints")

@@ -89,6 +89,13 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        for name in ("mixup", "cutmix", "weight_decay", "max_grad_norm", "dropout"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= (self.label_smoothing or 0) < 1:
+            raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.augment not in ("none", "light", "strong"):
+            raise ConfigError(f"unknown --augment {self.augment!r}; choose none, light or strong")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

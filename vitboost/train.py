@@ -121,10 +121,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     scheduler = cosine_schedule(engine.optimizer, total_steps, cfg.warmup_ratio)
-    aug_cfg = AugmentConfig.preset(cfg.augment)
-    for key, field in (("mixup", "mixup_alpha"), ("cutmix", "cutmix_alpha"), ("label_smoothing", "label_smoothing")):
-        if getattr(cfg, key) is not None:
-            setattr(aug_cfg, field, getattr(cfg, key))
+    overrides = {"mixup_alpha": cfg.mixup, "cutmix_alpha": cfg.cutmix, "label_smoothing": cfg.label_smoothing}
+    aug_cfg = AugmentConfig.preset(cfg.augment).with_(**{k: v for k, v in overrides.items() if v is not None})
     augment = GpuAugment(aug_cfg, len(data.label_names), pre.mean, pre.std, seed=cfg.seed + 1000 * dp_rank,
                          device=device)
 

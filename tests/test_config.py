@@ -1,0 +1,19 @@
+"""Flag names users know; the ColossalAI example's spellings are aliases of ours."""
+from __future__ import annotations
+
+from vitboost.cli import build_parser
+
+
+def test_colossalai_spellings_are_aliases():
+    theirs = build_parser().parse_args(
+        ["train", "--model_name_or_path", "m", "--learning_rate", "1e-3", "--num_epoch", "2",
+         "--output_path", "out", "--grad_checkpoint", "True", "--batch_size", "16"])
+    ours = build_parser().parse_args(
+        ["train", "--model", "m", "--lr", "1e-3", "--epochs", "2", "--output", "out", "--grad_checkpoint", "-b", "16"])
+    assert vars(theirs) == vars(ours)
+    assert build_parser().parse_args(["train", "--grad_checkpoint", "false"]).grad_checkpoint is False
+
+
+def test_flags_not_given_stay_unset_so_the_yaml_file_can_supply_them():
+    args = vars(build_parser().parse_args(["train"]))
+    assert all(v is None for k, v in args.items() if k != "command")
