@@ -393,3 +393,31 @@ def test_real_beans_split_sizes_and_labels():
     assert {k: len(v) for k, v in ds.splits.items()} == {"train": 1034, "validation": 133, "test": 128}
     assert ds.splits["train"].labels.bincount().tolist() == [345, 348, 341]
     assert ds.splits["test"].images.shape == (128, 3, 32, 32)
+
+
+# --- streaming: for data that does not fit in memory -------------------------------------
+
+def test_streamed_batches_equal_cached_batches_bitwise(tmp_path):
+    from vitboost.data import StreamingSplit
+    src = tmp_path / "d"
+    make_folder(src, {"train": 4, "validation": 2})
+    cached = load_image_dataset(src, 32, None, log=lambda *_: None)
+    streamed = load_image_dataset(src, 32, tmp_path / "cache", stream=True, log=lambda *_: None)
+    assert not (tmp_path / "cache").exists()  # streaming writes no cache
+    assert streamed.label_names == cached.label_names
+    for split in ("train", "validation"):
+        s, c = streamed.splits[split], cached.splits[split]
+        assert isinstance(s, StreamingSplit) and len(s) == len(c)
+        idx = torch.tensor([len(c) - 1, 0, 2])
+        assert torch.equal(s.batch(idx), c.batch(idx))
+        assert torch.equal(s.labels, c.labels)
+
+
+def test_a_corrupt_image_met_while_streaming_is_named(tmp_path):
+    src = tmp_path / "d"
+    make_folder(src, {"train": 2})
+    bad = src / "train" / "healthy" / "zz_broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    ds = load_image_dataset(src, 32, None, stream=True, log=lambda *_: None)
+    with pytest.raises(DataError, match="zz_broken.jpg"):
+        ds.splits["train"].batch(torch.arange(len(ds.splits["train"])))

@@ -162,3 +162,12 @@ def test_plot_writes_curves_and_confusion_matrices(tiny_beans, tmp_path):
     assert main(train_args(tiny_beans, out, "--plot")) == 0
     for name in ("curves.png", "confusion_validation.png", "confusion_test.png"):
         assert (out / name).stat().st_size > 1000, name
+
+
+def test_streaming_trains_exactly_like_the_cache(tiny_beans, tmp_path):
+    cached, streamed = tmp_path / "cached", tmp_path / "streamed"
+    assert main(train_args(tiny_beans, cached, "--epochs", "1")) == 0
+    assert main(train_args(tiny_beans, streamed, "--epochs", "1", "--stream")) == 0
+    a, b = weights(cached), weights(streamed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

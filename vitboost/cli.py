@@ -39,6 +39,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float)
     g.add_argument("--cache_dir")
     g.add_argument("--skip_bad_images", action=BOOL, default=None)
+    g.add_argument("--stream", action=BOOL, default=None,
+                   help="decode batch by batch instead of caching (automatic when the cache would exceed half the RAM)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", "--num_epoch", dest="epochs", type=int)
     g.add_argument("--max_steps", type=int)

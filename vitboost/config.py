@@ -68,6 +68,7 @@ class TrainConfig:
     overwrite: bool = False
     cache_dir: str = "~/.cache/vitboost"
     skip_bad_images: bool = False
+    stream: bool = False  # decode batch by batch instead of caching (automatic when the cache would not fit)
     plot: bool = False
     export: bool = True  # write an HF save_pretrained folder to <output>/model at the end
     progress: bool = True

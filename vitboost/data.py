@@ -46,6 +46,14 @@ class DataError(Exception):
 
 
 @dataclass
+class _Item:
+    """One image to decode: from a file or from in-memory bytes; `name` is what errors show."""
+    name: str
+    path: Path | None = None
+    data: bytes | None = None
+
+
+@dataclass
 class ImageSplit:
     images: torch.Tensor  # uint8 [N, 3, S, S], CPU
     labels: torch.Tensor  # int64 [N]
@@ -53,10 +61,41 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 images for these indices (a slice of the cached tensor)."""
+        return self.images[idx.to(self.images.device)]
+
+
+class StreamingSplit:
+    """A split decoded batch by batch, for data that does not fit in memory.
+
+    Same decode and resize code as the cache build, so a streamed batch is bitwise equal to
+    the cached one; decoding runs in a thread pool (PIL releases the GIL).
+    """
+
+    def __init__(self, items: list[_Item], labels: list[int], size: int, resample: Image.Resampling,
+                 workers: int | None = None):
+        self.items, self.labels = items, torch.tensor(labels, dtype=torch.int64)
+        self.size, self.resample = size, resample
+        self._pool = ThreadPoolExecutor(max_workers=workers or min(32, _cpus()))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _decode(self, i: int) -> torch.Tensor:
+        try:
+            return _decode_one(self.items[i], self.size, self.resample)
+        except Exception as e:  # noqa: BLE001 - any failure means a bad file; report which
+            raise DataError(f"cannot decode image {self.items[i].name} ({type(e).__name__}) while streaming; "
+                            f"fix or remove it (--skip_bad_images needs the cached path, without --stream)") from None
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack(list(self._pool.map(self._decode, idx.tolist())))
+
 
 @dataclass
 class ImageDataset:
-    splits: dict[str, ImageSplit]
+    splits: dict[str, ImageSplit | StreamingSplit]
     label_names: list[str]
     fingerprint: str
     skipped: list[str] = field(default_factory=list)
@@ -71,14 +110,6 @@ class ImageDataset:
 
 
 @dataclass
-class _Item:
-    """One image to decode: from a file or from in-memory bytes; `name` is what errors show."""
-    name: str
-    path: Path | None = None
-    data: bytes | None = None
-
-
-@dataclass
 class _Listing:
     """What to decode. `build` is deferred so that a cache hit never reads image bytes."""
     key: Any  # JSON-able description of the inputs, hashed into the fingerprint
@@ -88,11 +119,12 @@ class _Listing:
 # ---------------------------------------------------------------------------- public API
 
 def load_image_dataset(source: str | Path, image_size: int, cache_dir: str | Path | None = None, *,
-                       skip_bad_images: bool = False, resample: str = "bilinear",
+                       skip_bad_images: bool = False, resample: str = "bilinear", stream: bool = False,
                        log: Callable[[str], None] = print) -> ImageDataset:
     """Load `source` (imagefolder dir, parquet dir/file, or hub id) as uint8 tensors.
 
-    Raises DataError (one line) for anything wrong with the data itself.
+    stream=True (or a dataset whose uint8 cache would take over half of the RAM) decodes batch
+    by batch instead of caching. Raises DataError (one line) for anything wrong with the data.
     """
     if resample not in RESAMPLE:
         raise ValueError(f"resample must be one of {sorted(RESAMPLE)}, got {resample!r}")
@@ -103,7 +135,7 @@ def load_image_dataset(source: str | Path, image_size: int, cache_dir: str | Pat
     fingerprint = _fingerprint(listing.key, image_size, resample)
     cache_path = Path(cache_dir) / f"{fingerprint}.pt" if cache_dir is not None else None
 
-    if cache_path is not None and cache_path.exists():
+    if not stream and cache_path is not None and cache_path.exists():
         ds = _read_cache(cache_path, fingerprint, log)
         if ds is not None:
             bad = ds.pop("bad")
@@ -116,6 +148,15 @@ def load_image_dataset(source: str | Path, image_size: int, cache_dir: str | Pat
             return dataset
 
     label_names, items = listing.build()
+    cache_bytes = sum(len(its) for its, _ in items.values()) * 3 * image_size ** 2
+    if not stream and cache_bytes > 0.5 * _ram_bytes():
+        log(f"data: the uint8 cache would take {cache_bytes / 2**30:.1f} GiB, over half of the RAM: streaming")
+        stream = True
+    if stream:
+        splits = {k: StreamingSplit(its, labels, image_size, RESAMPLE[resample]) for k, (its, labels) in items.items()}
+        dataset = ImageDataset(splits, label_names, fingerprint)
+        log(f"data: streaming {source} ({_summary(dataset)}) at {image_size}px, decoded batch by batch")
+        return dataset
     splits, bad = _decode_splits(items, image_size, RESAMPLE[resample])
     if bad and not skip_bad_images:
         raise _bad_images_error(bad)
@@ -458,6 +499,17 @@ def _decode_one(item: _Item, size: int, resample: Image.Resampling) -> torch.Ten
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: never stream by default
+
+
 def _decode_splits(items: dict[str, tuple[list[_Item], list[int]]], size: int, resample: Image.Resampling
                    ) -> tuple[dict[str, ImageSplit], list[tuple[str, str]]]:
     """Decode every split in one thread pool (PIL releases the GIL while decoding and resizing)."""
@@ -471,8 +523,7 @@ def _decode_splits(items: dict[str, tuple[list[_Item], list[int]]], size: int, r
         except Exception as e:  # noqa: BLE001 - any failure means a bad file; report which
             errors[split][i] = (f"{type(e).__name__}: {e}".splitlines() or [""])[0]
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=min(32, cpus)) as pool:
+    with ThreadPoolExecutor(max_workers=min(32, _cpus())) as pool:
         list(pool.map(work, [(split, i) for split, errs in errors.items() for i in range(len(errs))]))
 
     bad = [(items[s][0][i].name, e) for s, errs in errors.items() for i, e in enumerate(errs) if e is not None]

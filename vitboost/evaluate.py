@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import ImageSplit, normalize
+from .data import ImageSplit, StreamingSplit, normalize
 
 
 @torch.no_grad()
-def evaluate(engine, split: ImageSplit, label_names: list[str], *, batch_size: int, mean, std,
+def evaluate(engine, split: ImageSplit | StreamingSplit, label_names: list[str], *, batch_size: int, mean, std,
              dp_rank: int = 0, dp_size: int = 1, dp_group: dist.ProcessGroup | None = None) -> dict:
     device, n, c = engine.device, len(split), len(label_names)
     per_rank = math.ceil(n / dp_size)
@@ -27,7 +27,7 @@ def evaluate(engine, split: ImageSplit, label_names: list[str], *, batch_size: i
         ids = torch.arange(start + b * batch_size, start + (b + 1) * batch_size)
         valid = (ids < end).to(device)
         ids = ids.clamp(max=n - 1)
-        images = normalize(split.images[ids].to(device, non_blocking=True), mean, std)
+        images = normalize(split.batch(ids).to(device, non_blocking=True), mean, std)
         labels = split.labels[ids].to(device, non_blocking=True)
         logits = engine.logits(images)
         w = valid.double()

@@ -13,6 +13,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .data import ImageDataset, iterate_batches, load_image_dataset, num_batches
+from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
 from .engine import Engine, cosine_schedule
 from .evaluate import evaluate
 from .model import Preprocess, build_model
@@ -153,11 +154,10 @@ def train(cfg: TrainConfig) -> dict:
         cfg.save(out / RUN_MARKER)
     log = Logger(out / "metrics.jsonl" if is_main else None)
 
-    # keep the uint8 training images on the GPU when they fit in a small slice of it
-    images = train_split.images
-    if device.type == "cuda" and images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]:
-        images = images.to(device)
-    labels = train_split.labels.to(images.device)
+    # keep the cached uint8 training images on the GPU when they fit in a small slice of it
+    if (isinstance(train_split, ImageSplit) and device.type == "cuda"
+            and train_split.images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]):
+        train_split = ImageSplit(train_split.images.to(device), train_split.labels)
 
     def checkpoint() -> None:
         rng = {"torch": torch.get_rng_state(), "augment": augment.state_dict(),
@@ -175,13 +175,14 @@ def train(cfg: TrainConfig) -> dict:
     print_every = max(cfg.log_every, total_steps // 20)
     window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
     while epoch < cfg.epochs and step < total_steps:
-        batches = iterate_batches(len(train_split), global_batch, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                  drop_last=True, start=batch_in_epoch)
+        batches = local_batches(train_split, iterate_batches(
+            len(train_split), global_batch, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True,
+            start=batch_in_epoch), dims.dp, dp_rank)
         while batch_in_epoch + cfg.grad_accum <= steps_per_epoch * cfg.grad_accum and step < total_steps:
             step_loss = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
-                idx = next(batches).chunk(dims.dp)[dp_rank].to(images.device)
-                x, y = augment(images[idx].to(device, non_blocking=True), labels[idx].to(device))
+                images, labels = next(batches)
+                x, y = augment(images.to(device, non_blocking=True), labels.to(device))
                 step_loss += engine.forward_backward(x, y, cfg.grad_accum, sync=micro == cfg.grad_accum - 1)
                 batch_in_epoch += 1
             grad_norm = engine.step()
@@ -243,14 +244,37 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def local_batches(split: ImageSplit | StreamingSplit, batches, dp: int, dp_rank: int):
+    """(uint8 images, labels) of this dp rank's contiguous slice of each global batch. A streamed
+    split decodes the next batch in a background thread while the current one trains."""
+    def fetch(global_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = global_batch.chunk(dp)[dp_rank]
+        return split.batch(idx), split.labels[idx]
+
+    if not isinstance(split, StreamingSplit):
+        yield from map(fetch, batches)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = None
+        for b in batches:
+            ahead = pool.submit(fetch, b)
+            if pending is not None:
+                yield pending.result()
+            pending = ahead
+        if pending is not None:
+            yield pending.result()
+
+
 def _load_data(cfg: TrainConfig, size: int, is_main: bool, say) -> ImageDataset:
     """Rank 0 decodes and caches; the others wait and read the cache."""
     cache = Path(cfg.cache_dir).expanduser()
     if is_main:
-        data = load_image_dataset(cfg.dataset, size, cache, skip_bad_images=cfg.skip_bad_images, log=say)
+        data = load_image_dataset(cfg.dataset, size, cache, skip_bad_images=cfg.skip_bad_images,
+                                  stream=cfg.stream, log=say)
     _barrier()
     if not is_main:
-        data = load_image_dataset(cfg.dataset, size, cache, skip_bad_images=cfg.skip_bad_images, log=lambda *_: None)
+        data = load_image_dataset(cfg.dataset, size, cache, skip_bad_images=cfg.skip_bad_images,
+                                  stream=cfg.stream, log=lambda *_: None)
     if "train" not in data.splits:
         raise ConfigError(f"dataset {cfg.dataset} has no train split")
     return data
