@@ -11,6 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
+layout_given=${PP:+yes}${TP:+yes}${NPROC:+yes}   # an explicit layout is refused if it does not fit
 PLUGIN=${PLUGIN:-hybrid_parallel}
 TP=${TP:-1}
 PP=${PP:-2}
@@ -34,6 +35,10 @@ if [ "$gpus" -eq 0 ]; then
     --plugin hybrid_parallel --pp_size 2 --model vit-tiny --image_size 64 --patch_size 8 --dataset "$DATASET" \
     --augment light --epochs "${EPOCHS_CPU:-4}" -b 32 --lr 1e-3 --weight_decay "$WD" --warmup_ratio 0.1 \
     --output "${OUTPUT}_cpu" --overwrite --seed "$SEED" --device cpu "$@"
+fi
+if [ "$gpus" -eq 1 ] && [ -z "$layout_given" ]; then
+  echo "run_demo: one GPU found: running the default layout's recipe on it without pipeline parallel (PP=1)"
+  PP=1; nproc=1
 fi
 if [ "$gpus" -lt "$nproc" ]; then
   echo "run_demo: this layout needs $nproc GPUs (tp=$TP x pp=$PP x dp), but only $gpus are visible; set PP/TP/NPROC to fit, e.g. PP=1 NPROC=$gpus" >&2
