@@ -171,3 +171,13 @@ def test_streaming_trains_exactly_like_the_cache(tiny_beans, tmp_path):
     a, b = weights(cached), weights(streamed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_models_use_sdpa_attention_whatever_their_source(tmp_path):
+    from transformers import ViTConfig
+    from vitboost.model import build_model
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+              patch_size=8).save_pretrained(tmp_path)
+    for name, pretrained in (("vit-micro", "auto"), (str(tmp_path), "none")):
+        model, _ = build_model(name, ["a", "b"], pretrained=pretrained, log=lambda *_: None)
+        assert model.config._attn_implementation == "sdpa"

@@ -26,6 +26,9 @@ NAMED_CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 
 
+ATTENTION = "sdpa"  # torch's fused scaled-dot-product attention (flash / memory-efficient kernels)
+
+
 class ModelError(ValueError):
     """A model that cannot be built; the message names the fix."""
 
@@ -92,7 +95,7 @@ def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", 
             raise ModelError(f"{name!r} is a named config without weights; use --pretrained none or a hub id / folder")
         config = named_config(name, n, image_size, patch_size, dropout)
         config.id2label, config.label2id = id2label, label2id
-        model = ViTForImageClassification(config)
+        model = ViTForImageClassification._from_config(config, attn_implementation=ATTENTION)
         log(f"model: {name} (random init, {_count(model) / 1e6:.1f}M params, {config.image_size}px, patch {config.patch_size})")
         return model, Preprocess(config.image_size)
 
@@ -111,7 +114,7 @@ def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", 
     try:
         if pretrained == "none":
             config = AutoConfig.from_pretrained(name, **kw)
-            model = ViTForImageClassification(config)
+            model = ViTForImageClassification._from_config(config, attn_implementation=ATTENTION)
             log(f"model: {name} config, random init ({_count(model) / 1e6:.1f}M params)")
         else:
             hf_log = logging.getLogger("transformers.modeling_utils")
@@ -119,7 +122,7 @@ def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", 
             hf_log.setLevel(logging.ERROR)  # we print our own one-line note about the new head
             try:
                 model, info = ViTForImageClassification.from_pretrained(
-                    name, ignore_mismatched_sizes=True, output_loading_info=True, **kw)
+                    name, ignore_mismatched_sizes=True, output_loading_info=True, attn_implementation=ATTENTION, **kw)
             finally:
                 hf_log.setLevel(level)
             fresh = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k
