@@ -18,7 +18,8 @@ from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
 from tests.distributed import run_distributed  # noqa: E402
 from vitboost.parallel.pipeline import (  # noqa: E402
-    PipelineRunner, clip_grad_norm_, split_model, stage_blocks)
+    PipelineRunner, clip_grad_norm_, split_model)
+from vitboost.parallel.tensor import find_blocks  # noqa: E402
 
 STEPS, BATCH, LR, MAX_NORM = 5, 8, 1e-3, 0.5
 RTOL, ATOL = 1e-5, 1e-6
@@ -109,7 +110,7 @@ def _dp2_pp2(mesh, dp_rank: int, pp_rank: int) -> dict:
     out: dict = {}
     for name, spr, n_mb in [("1F1B", 1, 2), ("Interleaved1F1B", 2, 2)]:
         part, specs = split_model(tiny_vit(), pp_rank, 2, stages_per_rank=spr)
-        for _, block in stage_blocks(part):
+        for _, block in find_blocks(part):
             fully_shard(block, mesh=mesh["dp"], reshard_after_forward=False)
         fully_shard(part, mesh=mesh["dp"], reshard_after_forward=False)
         runner = PipelineRunner(part, specs, mesh, torch.device("cpu"), n_mb, schedule=name)

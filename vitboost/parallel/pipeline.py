@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["StageSpec", "split_model", "stage_blocks", "PipelineRunner", "clip_grad_norm_", "SCHEDULES"]
+__all__ = ["StageSpec", "split_model", "PipelineRunner", "clip_grad_norm_", "SCHEDULES"]
 
 SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")
 _MAX_CACHED_SCHEDULES = 8  # one per (train/eval, shape, dtype, autocast) seen
@@ -162,13 +162,6 @@ def split_model(model: nn.Module, pp_rank: int, pp_size: int, stages_per_rank: i
     model._pp_stages = specs
     model._pp_blocks_path = path
     return model, specs
-
-
-def stage_blocks(model_part: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(full name, block) of the blocks a split model part kept, e.g. ("vit.layers.2", ViTLayer):
-    what TP / FSDP / compile should wrap after split_model (the container is a ModuleDict now)."""
-    path = model_part._pp_blocks_path
-    return [(f"{path}.{k}", blk) for k, blk in model_part.get_submodule(path).items()]
 
 
 # ----------------------------------------------------------------------------- running
