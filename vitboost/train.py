@@ -78,6 +78,13 @@ class Logger:
 
 def train(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
+    timings: dict[str, float] = {}  # seconds per phase, for the end-to-end breakdown in summary.json
+    last = [t_start]
+
+    def lap(phase: str) -> None:
+        now = time.perf_counter()
+        timings[phase] = round(timings.get(phase, 0.0) + now - last[0], 3)
+        last[0] = now
     rank, local_rank, world = world_info()
     device = pick_device(cfg.device, local_rank)
     init_distributed(device.type)
@@ -88,11 +95,13 @@ def train(cfg: TrainConfig) -> dict:
     dp_rank = dims.mesh["dp"].get_local_rank()
     dp_group = dims.mesh["dp"].get_group() if dims.dp_enabled else None
     out = check_output(cfg, is_main)
+    lap("startup")
 
     # model config first: the input size and normalization come from it
     torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP/TP do not broadcast)
     size = _model_image_size(cfg)
     data = _load_data(cfg, size, is_main, say)
+    lap("data")
     torch.manual_seed(cfg.seed)
     model, pre = build_model(cfg.model, data.label_names, pretrained=cfg.pretrained, image_size=cfg.image_size,
                              patch_size=cfg.patch_size, dropout=cfg.dropout, log=say)
@@ -168,6 +177,7 @@ def train(cfg: TrainConfig) -> dict:
         save_checkpoint(ckpt_root, step, engine, ts, rng, keep=cfg.keep_checkpoints)
 
     history: list[dict] = []
+    lap("model_and_resume")
     t_train = time.perf_counter()
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
     live = is_main and cfg.progress and sys.stdout.isatty()
@@ -219,12 +229,14 @@ def train(cfg: TrainConfig) -> dict:
     if latest_checkpoint(ckpt_root) is None or int(latest_checkpoint(ckpt_root).name[5:]) != step:
         checkpoint()  # stopped by --max_steps or between --save_epochs: keep the last state
     train_seconds = time.perf_counter() - t_train
+    lap("train")
 
     results = {}
     for split in ("validation", "test"):
         if split in data.splits:
             results[split] = _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
             say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
+    lap("final_eval")
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
                "steps": step, "train_seconds": round(train_seconds, 2),
@@ -235,6 +247,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.export and is_main:  # rank 0 rebuilds a plain HF model from the last checkpoint: any layout
         export_checkpoint(out, out / "model")
         say(f"model exported to {out / 'model'}")
+    lap("export")
+    summary["timings_s"] = timings
+    summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plot:
