@@ -177,7 +177,8 @@ def _sig(v: float, digits: int = 4) -> float:
 def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: str, world: int, dp: int, tp: int,
              pp: int, batch_size: int, steps: int, warmup: int, first_s: float | None, elapsed_s: float,
              flops_per_image: float, peak_tflops: float | None, peak_bytes: float | None, rss_bytes: float,
-             compile: bool, state_bytes: float | None = None, grad_checkpoint: bool, loss: float, device: torch.device) -> dict[str, Any]:
+             compile: bool, state_bytes: float | None = None, grad_checkpoint: bool, loss: float,
+             device: torch.device) -> dict[str, Any]:
     """One result. global_batch counts each image once: batch_size x dp (TP/PP ranks share images)."""
     import transformers
     global_batch = batch_size * dp
@@ -277,7 +278,7 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
     from .engine import Engine
     from .model import build_model
     from .parallel.dims import ParallelDims
-    from .parallel.plan import make_plan
+    from .parallel.plan import make_plan, model_dims
     from .train import _check_layout
 
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -289,10 +290,7 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
                              image_size=cfg.image_size, patch_size=cfg.patch_size, log=say)
     _check_layout(cfg, model, dims)
     config = copy.deepcopy(model.config)
-    c = model.config
-    tokens = (c.image_size // c.patch_size) ** 2 + 1
-    plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()),
-                     (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, tokens))
+    plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
     if plan.reason:
         say(plan.reason)
     if device.type == "cuda":

@@ -74,10 +74,9 @@ class StreamingSplit:
     """
 
     def __init__(self, items: list[_Item], labels: list[int], size: int, resample: Image.Resampling,
-                 workers: int | None = None):
+                 pool: ThreadPoolExecutor):
         self.items, self.labels = items, torch.tensor(labels, dtype=torch.int64)
-        self.size, self.resample = size, resample
-        self._pool = ThreadPoolExecutor(max_workers=workers or min(32, _cpus()))
+        self.size, self.resample, self._pool = size, resample, pool
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -153,7 +152,9 @@ def load_image_dataset(source: str | Path, image_size: int, cache_dir: str | Pat
         log(f"data: the uint8 cache would take {cache_bytes / 2**30:.1f} GiB, over half of the RAM: streaming")
         stream = True
     if stream:
-        splits = {k: StreamingSplit(its, labels, image_size, RESAMPLE[resample]) for k, (its, labels) in items.items()}
+        pool = ThreadPoolExecutor(max_workers=min(32, _cpus()))  # one decode pool for every split
+        splits = {k: StreamingSplit(its, labels, image_size, RESAMPLE[resample], pool)
+                  for k, (its, labels) in items.items()}
         dataset = ImageDataset(splits, label_names, fingerprint)
         log(f"data: streaming {source} ({_summary(dataset)}) at {image_size}px, decoded batch by batch")
         return dataset

@@ -29,7 +29,7 @@ from .evaluate import evaluate
 from .model import Preprocess, build_model
 from .predict import export_checkpoint, save_run_config
 from .parallel.dims import ParallelDims, init_distributed, world_info
-from .parallel.plan import make_plan
+from .parallel.plan import make_plan, model_dims
 
 RUN_MARKER = "config.yaml"
 
@@ -79,12 +79,12 @@ class Logger:
 def train(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}  # seconds per phase, for the end-to-end breakdown in summary.json
-    last = [t_start]
+    last = t_start
 
     def lap(phase: str) -> None:
+        nonlocal last
         now = time.perf_counter()
-        timings[phase] = round(timings.get(phase, 0.0) + now - last[0], 3)
-        last[0] = now
+        timings[phase], last = round(now - last, 3), now
     rank, local_rank, world = world_info()
     device = pick_device(cfg.device, local_rank)
     init_distributed(device.type)
@@ -112,9 +112,7 @@ def train(cfg: TrainConfig) -> dict:
     if is_main:
         claim_output(cfg, out)
         save_run_config(model, pre, out)  # before parallelization touches the model
-    c = model.config
-    plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()),
-                     (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, (c.image_size // c.patch_size) ** 2 + 1))
+    plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
     if plan.reason:
         say(plan.reason)
     engine = Engine(model, cfg, dims, plan, device, soft_cross_entropy)
@@ -139,6 +137,7 @@ def train(cfg: TrainConfig) -> dict:
     # resume
     ckpt_root = out / "checkpoints"
     step, epoch, batch_in_epoch = 0, 0, 0
+    saved_step = -1  # the step of the newest checkpoint written or resumed from
     resume_from = None
     if cfg.resume:
         resume_from = latest_checkpoint(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
@@ -148,6 +147,7 @@ def train(cfg: TrainConfig) -> dict:
     if resume_from is not None:
         ts, rng = load_checkpoint(resume_from, engine)
         step, epoch, batch_in_epoch = ts["step"], ts["epoch"], ts["batch_in_epoch"]
+        saved_step = step
         scheduler.load_state_dict(ts["scheduler"])
         if engine.scaler is not None and ts.get("scaler"):
             engine.scaler.load_state_dict(ts["scaler"])
@@ -169,16 +169,17 @@ def train(cfg: TrainConfig) -> dict:
         train_split = ImageSplit(train_split.images.to(device), train_split.labels)
 
     def checkpoint() -> None:
+        nonlocal saved_step
         rng = {"torch": torch.get_rng_state(), "augment": augment.state_dict(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         ts = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "scheduler": scheduler.state_dict(),
               "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
               "world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
         save_checkpoint(ckpt_root, step, engine, ts, rng, keep=cfg.keep_checkpoints)
+        saved_step = step
 
     history: list[dict] = []
     lap("model_and_resume")
-    t_train = time.perf_counter()
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
     live = is_main and cfg.progress and sys.stdout.isatty()
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
@@ -226,9 +227,8 @@ def train(cfg: TrainConfig) -> dict:
             if epoch % cfg.save_epochs == 0 or epoch == cfg.epochs or step >= total_steps:
                 checkpoint()
     bar.close()
-    if latest_checkpoint(ckpt_root) is None or int(latest_checkpoint(ckpt_root).name[5:]) != step:
+    if saved_step != step:
         checkpoint()  # stopped by --max_steps or between --save_epochs: keep the last state
-    train_seconds = time.perf_counter() - t_train
     lap("train")
 
     results = {}
@@ -239,8 +239,7 @@ def train(cfg: TrainConfig) -> dict:
     lap("final_eval")
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
-               "steps": step, "train_seconds": round(train_seconds, 2),
-               "total_seconds": round(time.perf_counter() - t_start, 2), "eval": results, "history": history,
+               "steps": step, "train_seconds": round(timings["train"], 2), "eval": results, "history": history,
                "skipped_images": data.skipped}
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)

@@ -74,6 +74,12 @@ def make_plan(cfg: TrainConfig, device_type: str, world_size: int, num_params: i
     raise ConfigError(f"unknown --plugin {plugin!r}")
 
 
+def model_dims(config) -> tuple[int, int, int, int]:
+    """(hidden, layers, heads, tokens) of a ViT config: what the activation estimate needs."""
+    return (config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+            (config.image_size // config.patch_size) ** 2 + 1)
+
+
 def activation_bytes_per_image(hidden: int, layers: int, heads: int, tokens: int, grad_checkpoint: bool) -> float:
     """Megatron's estimate of saved activations per sample (bf16): (34*s*h + 5*a*s^2) bytes per layer."""
     per_layer = 34 * tokens * hidden + 5 * heads * tokens * tokens
