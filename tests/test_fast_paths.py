@@ -1,0 +1,37 @@
+"""Speed features change speed, never the result."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from vitboost.model import PatchLinear, build_model, linear_patch_embedding
+
+
+def _model(**kw):
+    model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None, **kw)
+    return model
+
+
+def test_patch_linear_equals_the_convolution_it_replaces() -> None:
+    torch.manual_seed(0)
+    lin_model = _model(image_size=48, patch_size=8)  # build_model applies it to every model
+    proj = lin_model.vit.embeddings.patch_embeddings.projection
+    assert type(proj) is PatchLinear
+    conv_model = copy.deepcopy(lin_model)
+    conv_model.vit.embeddings.patch_embeddings.projection.__class__ = torch.nn.Conv2d  # the HF original
+    assert list(lin_model.state_dict()) == list(conv_model.state_dict())  # same keys: checkpoints unchanged
+    x = torch.randn(4, 3, 48, 48, requires_grad=True)
+    a, b = conv_model(pixel_values=x).logits, lin_model(pixel_values=x).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    b.sum().backward()
+    a.sum().backward()
+    wa = conv_model.vit.embeddings.patch_embeddings.projection.weight.grad
+    wb = lin_model.vit.embeddings.patch_embeddings.projection.weight.grad
+    torch.testing.assert_close(wb, wa, rtol=1e-4, atol=1e-6)
+
+
+def test_patch_linear_leaves_other_convolutions_alone() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 4, stride=4))
+    assert linear_patch_embedding(net) == 1
+    assert type(net[0]) is torch.nn.Conv2d and type(net[1]) is PatchLinear
