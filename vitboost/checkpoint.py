@@ -54,19 +54,37 @@ def save_checkpoint(root: Path, step: int, engine, trainer_state: dict, rng_stat
         tmp.mkdir()
     _barrier()
     state = {"model": engine.model_state(), "optim": _optim_state(engine)}
-    dcp.save(state, checkpoint_id=tmp)
-    torch.save(rng_state, tmp / f"rng_{_rank()}.pt")
+    dcp.save(state, checkpoint_id=tmp)  # DCP's file writer fsyncs its own files
+    _save_synced(rng_state, tmp / f"rng_{_rank()}.pt")
     _barrier()
     if _rank() == 0:
-        torch.save(trainer_state, tmp / "trainer.pt")
-        os.sync() if hasattr(os, "sync") else None
+        _save_synced(trainer_state, tmp / "trainer.pt")
+        _fsync(tmp)  # this folder only, not a whole-system sync of every disk
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync(root)  # the rename itself
         for old in sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or a folder entry to disk, so a rename never exposes an incomplete checkpoint."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms; the files were synced already
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_synced(obj, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync(path)
 
 
 def _optim_state(engine) -> dict:
