@@ -31,6 +31,14 @@ def test_patch_linear_equals_the_convolution_it_replaces() -> None:
     torch.testing.assert_close(wb, wa, rtol=1e-4, atol=1e-6)
 
 
+def test_patch_linear_drops_partial_patches_like_a_strided_convolution() -> None:
+    conv = torch.nn.Conv2d(3, 16, 8, stride=8)
+    lin = copy.deepcopy(conv)
+    lin.__class__ = PatchLinear
+    x = torch.randn(2, 3, 37, 45)  # 4 x 5 whole patches, the rest is dropped
+    torch.testing.assert_close(lin(x), conv(x), rtol=1e-5, atol=1e-6)
+
+
 def test_patch_linear_leaves_other_convolutions_alone() -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 4, stride=4))
     assert linear_patch_embedding(net) == 1

@@ -163,6 +163,8 @@ class PatchLinear(nn.Conv2d):
         b, c, h, w = x.shape
         p = self.kernel_size[0]
         gh, gw = h // p, w // p
+        if h != gh * p or w != gw * p:  # a strided conv drops the pixels that do not fill a patch
+            x = x[:, :, :gh * p, :gw * p]
         patches = x.reshape(b, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * p * p)
         y = nn.functional.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)  # [b, n, d]
         return y.transpose(1, 2).unflatten(2, (gh, gw))  # [b, d, gh, gw] as a view: no copy
