@@ -64,14 +64,16 @@ def test_training_learns_and_evaluates_every_sample(tiny_beans, tmp_path, capsys
     assert (out / "config.yaml").is_file() and (out / "model" / "model.safetensors").is_file()
 
 
-def test_two_epochs_equal_one_epoch_killed_and_resumed_bitwise(tiny_beans, tmp_path):
+@pytest.mark.parametrize("writes", ["--async_checkpoint", "--no-async_checkpoint"])
+def test_two_epochs_equal_one_epoch_killed_and_resumed_bitwise(tiny_beans, tmp_path, writes):
+    # async: the state written must be the step's snapshot, untouched by the training that goes on
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run_cli(train_args(tiny_beans, straight, "--save_every", "2"))
+    run_cli(train_args(tiny_beans, straight, "--save_every", "2", writes))
     # kill right after the mid-epoch checkpoint of step 2 appears (epoch 1 has 3 steps)
-    p = cli(train_args(tiny_beans, broken, "--save_every", "2"))
+    p = cli(train_args(tiny_beans, broken, "--save_every", "2", writes))
     kill_when(p, lambda: is_complete(broken / "checkpoints" / "step_00000002"))
     assert not (broken / "summary.json").exists(), "the run must have been interrupted"
-    run_cli(train_args(tiny_beans, broken, "--save_every", "2", "--resume", "auto"))
+    run_cli(train_args(tiny_beans, broken, "--save_every", "2", "--resume", "auto", writes))
     a, b = weights(straight), weights(broken)
     assert a.keys() == b.keys()
     for k in a:

@@ -5,6 +5,12 @@ parameter), so a checkpoint written by a pp=2 job, each rank holding half the bl
 into a single process and the other way round. Every checkpoint is written to a hidden
 temporary folder and renamed when complete: a kill mid-write leaves the previous one intact.
 
+Writes are asynchronous by default (``--async_checkpoint``): the state is copied to host memory
+at the step it belongs to, a background thread writes it (over its own gloo group, so it never
+interleaves with training collectives), and rank 0 renames the folder once DCP has written the
+metadata, which DCP does only after every rank's shards are on disk. Training goes on meanwhile;
+``finish_pending()`` waits for the last write before anything reads it (export, the next save).
+
     <output>/checkpoints/step_00000120/
         .metadata, __0_0.distcp ...   DCP shards: {"model": ..., "optim": ...}
         trainer.pt                    step, epoch, position in the epoch, scheduler, scaler, layout
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,28 +54,92 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(root: Path, step: int, engine, trainer_state: dict, rng_state: dict, keep: int = 2) -> Path:
+@dataclass
+class _Pending:
+    future: Future
+    tmp: Path
+    final: Path
+    keep: int
+
+
+_pending: _Pending | None = None  # this process's checkpoint being written in the background
+_save_group = None  # the gloo group background writes use (made once, collectively)
+
+
+def save_checkpoint(root: Path, step: int, engine, trainer_state: dict, rng_state: dict, keep: int = 2,
+                    blocking: bool = True) -> Path:
+    """Write a checkpoint (collective: every rank calls it). ``blocking=False`` returns once the
+    state is copied to host memory; the folder appears under its final name when the write ends."""
+    global _pending, _save_group
+    finish_pending()  # one write at a time, in order
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"{PREFIX}{step:08d}", root / f"{TMP_PREFIX}{step:08d}"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    state = {"model": engine.model_state(), "optim": _optim_state(engine)}
-    dcp.save(state, checkpoint_id=tmp)  # DCP's file writer fsyncs its own files
+    # the small files first: once DCP's metadata exists, the folder is complete
     _save_synced(rng_state, tmp / f"rng_{_rank()}.pt")
-    _barrier()
     if _rank() == 0:
         _save_synced(trainer_state, tmp / "trainer.pt")
-        _fsync(tmp)  # this folder only, not a whole-system sync of every disk
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        _fsync(root)  # the rename itself
-        for old in sorted(p for p in root.iterdir() if p.name.startswith(PREFIX))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
     _barrier()
+    state = {"model": engine.model_state(), "optim": _optim_state(engine)}
+    if blocking:
+        dcp.save(state, checkpoint_id=tmp)  # DCP's file writer fsyncs its own files
+        _barrier()
+        if _rank() == 0:
+            _publish(tmp, final, keep)
+        _barrier()
+        return final
+    if _save_group is None and dist.is_initialized():
+        _save_group = dist.new_group(backend="gloo")
+    future = dcp.async_save(state, checkpoint_id=tmp, process_group=_save_group)
+    _pending = _Pending(future, tmp, final, keep)
     return final
+
+
+def publish_finished() -> None:
+    """Non-blocking, call it every step: rank 0 renames a finished background write into place.
+    DCP writes the metadata only after every rank's shards, so rank 0's write finishing means all
+    ranks' have; other ranks just forget theirs."""
+    global _pending
+    if _pending is not None and _pending.future.done():
+        _pending.future.result()  # a failed write raises here
+        if _rank() == 0:
+            _publish(_pending.tmp, _pending.final, _pending.keep)
+        _pending = None
+
+
+def finish_pending() -> None:
+    """Collective: wait for the background write, if any, and publish it."""
+    if _pending is not None:
+        _pending.future.result()
+    _barrier()
+    publish_finished()
+    _barrier()
+
+
+def close() -> None:
+    """Before the process group goes away (end of a run, or an error): let a write in flight end,
+    unpublished if the run failed, and forget the group so the next run in this process makes its own."""
+    global _pending, _save_group
+    if _pending is not None:
+        try:
+            _pending.future.result()
+        except Exception:  # the run is already failing or over; its previous checkpoint stands
+            pass
+    _pending, _save_group = None, None
+
+
+def _publish(tmp: Path, final: Path, keep: int) -> None:
+    """Rank 0: the complete temporary folder takes its final name; old checkpoints beyond keep go."""
+    _fsync(tmp)  # this folder only, not a whole-system sync of every disk
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync(final.parent)  # the rename itself
+    for old in sorted(p for p in final.parent.iterdir() if p.name.startswith(PREFIX))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

@@ -74,6 +74,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_epochs", type=int, help="checkpoint every N epochs (default 1)")
     g.add_argument("--eval_every", type=int, help="validate every N epochs (0: only at the end)")
     g.add_argument("--keep_checkpoints", type=int)
+    g.add_argument("--async_checkpoint", action=BOOL, default=None,
+                   help="write checkpoints in the background while training goes on (default: on)")
     g.add_argument("--output", "--output_path", dest="output")
     g.add_argument("--resume", help="auto (latest in --output) or a checkpoint folder")
     g.add_argument("--overwrite", action=BOOL, default=None)

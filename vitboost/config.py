@@ -63,6 +63,7 @@ class TrainConfig:
     save_every: int = 0  # also checkpoint every N optimizer steps
     save_epochs: int = 1  # checkpoint every N epochs (the last state is always saved)
     keep_checkpoints: int = 2
+    async_checkpoint: bool = True  # write checkpoints in a background thread while training goes on
     output: str = "runs/latest"
     resume: str | None = None  # "auto" or a checkpoint folder
     overwrite: bool = False

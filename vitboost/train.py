@@ -21,7 +21,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import close as close_checkpoints
+from .checkpoint import finish_pending, latest_checkpoint, load_checkpoint, publish_finished, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
 from .engine import Engine, cosine_schedule
@@ -175,7 +176,7 @@ def train(cfg: TrainConfig) -> dict:
         ts = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "scheduler": scheduler.state_dict(),
               "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
               "world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
-        save_checkpoint(ckpt_root, step, engine, ts, rng, keep=cfg.keep_checkpoints)
+        save_checkpoint(ckpt_root, step, engine, ts, rng, keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
         saved_step = step
 
     history: list[dict] = []
@@ -214,6 +215,7 @@ def train(cfg: TrainConfig) -> dict:
                           f"grad_norm {row['grad_norm']:.3f} img/s {row['img_per_s']:.0f}", flush=True)
                 window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
             bar.update(1)
+            publish_finished()  # a background checkpoint write that ended takes its final name
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint()
         if batch_in_epoch >= steps_per_epoch * cfg.grad_accum:
@@ -236,6 +238,7 @@ def train(cfg: TrainConfig) -> dict:
         if split in data.splits:
             results[split] = _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
             say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
+    finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before export reads it
     lap("final_eval")
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
@@ -339,5 +342,6 @@ def run(cfg: TrainConfig) -> dict:
     try:
         return train(cfg)
     finally:
+        close_checkpoints()
         if dist.is_initialized():
             dist.destroy_process_group()
