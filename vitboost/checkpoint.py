@@ -86,15 +86,15 @@ def save_checkpoint(root: Path, step: int, engine, trainer_state: dict, rng_stat
     state = {"model": engine.model_state(), "optim": _optim_state(engine)}
     if blocking:
         dcp.save(state, checkpoint_id=tmp)  # DCP's file writer fsyncs its own files
-        _barrier()
-        if _rank() == 0:
-            _publish(tmp, final, keep)
-        _barrier()
-        return final
-    if _save_group is None and dist.is_initialized():
-        _save_group = dist.new_group(backend="gloo")
-    future = dcp.async_save(state, checkpoint_id=tmp, process_group=_save_group)
+        future: Future = Future()
+        future.set_result(None)
+    else:
+        if _save_group is None and dist.is_initialized():
+            _save_group = dist.new_group(backend="gloo")
+        future = dcp.async_save(state, checkpoint_id=tmp, process_group=_save_group)
     _pending = _Pending(future, tmp, final, keep)
+    if blocking:
+        finish_pending()  # the one publishing path, for both modes
     return final
 
 

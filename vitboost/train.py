@@ -238,8 +238,8 @@ def train(cfg: TrainConfig) -> dict:
         if split in data.splits:
             results[split] = _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
             say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
-    finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before export reads it
     lap("final_eval")
+    finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before export reads it
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
                "steps": step, "train_seconds": round(timings["train"], 2), "eval": results, "history": history,
