@@ -13,6 +13,9 @@ A variant is MODEL:BATCH:HOW, where HOW is one of
   blocks_conv  blocks compiled, patch embedding left as HF's Conv2d (every other variant, like
                `vitboost train`, computes it as one matmul: model.PatchLinear)
   cudnn/flash  blocks compiled, SDPA restricted to the cuDNN / FlashAttention backend
+  whole_cudnn, whole_flash, whole_ma   the whole model compiled, with cuDNN / Flash SDPA, or max-autotune
+  gemini, gemini_fp16, gemini_keep     --plugin gemini on one GPU (bf16, fp16; keep: params stay gathered
+               between forward and backward instead of a second host-to-device copy)
 The train step is the Engine's (bf16 autocast, fused AdamW, grad clipping), on synthetic data
 already on the GPU. `--profile` adds a kernel-time breakdown (GEMM, attention, fused Triton,
 optimizer, other, and GPU idle) of one variant.
@@ -51,12 +54,15 @@ def build(model_name: str, batch: int, how: str):
 
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # cpu: smoke only
     init_distributed(device.type)
-    cfg = make_config({"model": model_name, "pretrained": "none", "batch_size": batch, "mixed_precision": "bf16",
-                       "plugin": "torch_ddp"})
+    gemini = how.startswith("gemini")
+    cfg = make_config({"model": model_name, "pretrained": "none", "batch_size": batch,
+                       "mixed_precision": "fp16" if how == "gemini_fp16" else "bf16",
+                       "plugin": "gemini" if gemini else "torch_ddp"})
     dims = ParallelDims(1)
     dims.build_mesh(device.type)
     torch.manual_seed(0)
-    model, pre = build_model(model_name, [str(i) for i in range(1000)], pretrained="none", log=lambda *a: None)
+    model, pre = build_model(model_name, [str(i) for i in range(1000)], pretrained="none", log=lambda *a: None,
+                             device=None if gemini or how == "blocks_conv" else device)
     flops = vit_flops_per_image(model.config)
     if how == "blocks_conv":  # undo what build_model does for every model: back to HF's Conv2d
         from vitboost.model import PatchLinear
@@ -64,27 +70,29 @@ def build(model_name: str, batch: int, how: str):
             if isinstance(m, PatchLinear):
                 m.__class__ = torch.nn.Conv2d
     plan = make_plan(cfg, device.type, 1, sum(p.numel() for p in model.parameters()), model_dims(model.config))
+    if how == "gemini_keep":
+        import dataclasses
+        plan = dataclasses.replace(plan, reshard_after_forward=False)
     engine = Engine(model, cfg, dims, plan, device, soft_cross_entropy)
-    mode = {"blocks_ma": "max-autotune-no-cudagraphs", "blocks_ro": "reduce-overhead", "whole_ro": "reduce-overhead"}
+    mode = {"blocks_ma": "max-autotune-no-cudagraphs", "blocks_ro": "reduce-overhead", "whole_ro": "reduce-overhead",
+            "whole_ma": "max-autotune-no-cudagraphs"}
     if how in ("blocks", "blocks_conv", "blocks_ma", "blocks_ro", "cudnn", "flash"):
         for _, block in find_blocks(engine.model):
             block.compile(mode=mode.get(how))
-    elif how in ("whole", "whole_ro"):
-        engine.model.compile(mode=mode.get(how))
-    elif how != "eager":
+    elif how in ("whole", "whole_ro", "whole_ma", "whole_cudnn", "whole_flash"):
+        engine._forward = torch.compile(engine.model, mode=mode.get(how))
+    elif how != "eager" and not gemini:
         raise SystemExit(f"unknown variant {how!r}")
     x, y = synthetic_batch(batch, pre, 1000, device, seed=0)
     y = torch.nn.functional.one_hot(y, 1000).float()  # the trainer's soft targets (mixup / smoothing)
 
     def step():
-        loss = engine.forward_backward(x, y)
-        engine.step()
-        return loss
+        return engine.train_step([(x, y)])[0]
 
     sdpa = contextlib.nullcontext
-    if how in ("cudnn", "flash"):
+    if how in ("cudnn", "flash", "whole_cudnn", "whole_flash"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        backend = SDPBackend.CUDNN_ATTENTION if how == "cudnn" else SDPBackend.FLASH_ATTENTION
+        backend = SDPBackend.CUDNN_ATTENTION if how.endswith("cudnn") else SDPBackend.FLASH_ATTENTION
         sdpa = lambda: sdpa_kernel([backend])  # noqa: E731
     return step, sdpa, flops
 
@@ -97,7 +105,7 @@ def profile(step, sdpa) -> dict:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        with prof(activities=[ProfilerActivity.CUDA]) as p:
+        with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
@@ -105,8 +113,10 @@ def profile(step, sdpa) -> dict:
            "conv (patch embed)": 0.0, "other": 0.0}
     start, end, busy = float("inf"), 0.0, 0.0
     names: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     for e in p.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
+            cpu[e.name[:70]] = cpu.get(e.name[:70], 0.0) + e.self_cpu_time_total
             continue
         d = e.device_time if hasattr(e, "device_time") else e.cuda_time
         n = e.name.lower()
@@ -124,6 +134,7 @@ def profile(step, sdpa) -> dict:
     out["span_ms"] = round(span / 5 / 1e3, 2)
     out["idle_share"] = round(1 - busy / span, 3) if span > 0 else None
     out["top"] = [(k, round(v / 5 / 1e3, 3)) for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:15]]
+    out["top_cpu_self_ms"] = [(k, round(v / 5 / 1e3, 2)) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])[:10]]
     return out
 
 

@@ -7,7 +7,6 @@ model, and the peer rows present when asked for.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 
@@ -35,7 +34,7 @@ def _consistent(row: dict) -> None:
     assert row["step_time_ms"] > 0 and row["img_per_s"] > 0
     assert row["img_per_s"] == pytest.approx(row["global_batch"] / (row["step_time_ms"] / 1e3), rel=1e-2)
     assert row["img_per_s_per_gpu"] * row["world_size"] == pytest.approx(row["img_per_s"], rel=1e-2)
-    assert row["compile_or_first_step_s"] > 0
+    assert row["warmup_s"] > 0
     assert row["loss"] == row["loss"]  # not NaN
 
 
@@ -63,8 +62,7 @@ def test_bench_cpu_smoke(tmp_path):
 def test_bench_peers(tmp_path):
     rows = _rows(tmp_path, "--peers")
     names = [r["name"] for r in rows]
-    has_timm = importlib.util.find_spec("timm") is not None
-    assert names == ["vitboost", "hf_eager"] + (["timm_compile"] if has_timm else [])
+    assert names == ["vitboost", "hf_eager"]  # on CPU; compiled and graphed peers are GPU rows
     for row in rows:
         _consistent(row)
         assert row["mfu"] is None  # no peak FLOP/s on CPU unless given

@@ -20,7 +20,7 @@ P_B = 86_000_000
     ("hybrid_parallel", {"pp_size": 2}, dict(data_parallel="fsdp", reshard_after_forward=False)),
 ])
 def test_each_plugin_is_a_plan(plugin, extra, want):
-    plan = make_plan(TrainConfig(plugin=plugin, **extra), "cpu", 2)
+    plan = make_plan(TrainConfig(plugin=plugin, **extra), "cpu", 4 if plugin == "hybrid_parallel" else 2)
     for key, value in want.items():
         assert getattr(plan, key) == value, key
     assert plan.precision == "fp32"  # auto precision on CPU
@@ -45,3 +45,19 @@ def test_auto_without_gpu_or_with_model_parallel_flags():
     assert choose_auto(TrainConfig(plugin="auto"), "cpu", 2, P_B)[0] == "torch_ddp"
     assert choose_auto(TrainConfig(plugin="auto", tp_size=2), "cuda", 2, P_B)[0] == "hybrid_parallel"
     assert make_plan(TrainConfig(plugin="auto"), "cpu", 2, P_B).plugin == "torch_ddp"
+
+
+@pytest.mark.parametrize("plugin, extra, world", [
+    ("torch_ddp", {}, 1), ("torch_ddp_fp16", {"mixed_precision": "bf16"}, 1),
+    ("low_level_zero", {"zero_stage": 1}, 1), ("low_level_zero", {"zero_stage": 2}, 1), ("fsdp", {}, 1),
+    ("hybrid_parallel", {}, 1), ("hybrid_parallel", {"pp_size": 2}, 2), ("hybrid_parallel", {"tp_size": 2}, 2),
+    ("hybrid_parallel", {"tp_size": 2, "pp_size": 2}, 4),
+])
+def test_a_data_parallel_group_of_one_gets_no_wrapper(plugin, extra, world):
+    plan = make_plan(TrainConfig(plugin=plugin, **extra), "cpu", world)
+    assert plan.data_parallel == "none" and not plan.zero1
+
+
+def test_gemini_keeps_its_cpu_offload_on_one_gpu():
+    plan = make_plan(TrainConfig(plugin="gemini"), "cpu", 1)
+    assert plan.data_parallel == "fsdp" and plan.cpu_offload

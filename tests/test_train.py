@@ -175,14 +175,22 @@ def test_streaming_trains_exactly_like_the_cache(tiny_beans, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_models_use_sdpa_attention_whatever_their_source(tmp_path):
-    from transformers import ViTConfig
+def test_models_use_mask_free_sdpa_whatever_their_source_and_export_plain_configs(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
     from vitboost.model import build_model
     ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
-              patch_size=8).save_pretrained(tmp_path)
-    for name, pretrained in (("vit-micro", "auto"), (str(tmp_path), "none")):
+              patch_size=8).save_pretrained(tmp_path / "cfg")
+    x = torch.randn(3, 3, 32, 32)
+    for name, pretrained in (("vit-micro", "auto"), (str(tmp_path / "cfg"), "none")):
         model, _ = build_model(name, ["a", "b"], pretrained=pretrained, log=lambda *_: None)
-        assert model.config._attn_implementation == "sdpa"
+        assert model.config._attn_implementation == "vitboost_sdpa"
+        ours = model(pixel_values=x).logits
+        model.config._attn_implementation = "eager"  # HF's reference math
+        assert torch.allclose(ours, model(pixel_values=x).logits, atol=1e-5)
+        model.save_pretrained(tmp_path / "saved")  # what export writes loads without vitboost's attention
+        assert "vitboost" not in (tmp_path / "saved" / "config.json").read_text()
+        plain = ViTForImageClassification.from_pretrained(tmp_path / "saved")
+        assert plain.config._attn_implementation != "vitboost_sdpa"
 
 
 def test_summary_breaks_the_run_time_down_by_phase(tiny_beans, tmp_path):

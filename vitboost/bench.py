@@ -1,18 +1,18 @@
 """`vitboost bench`: training throughput, memory and MFU of one strategy on synthetic data.
 
 Why synthetic data through the trainer's own Engine: the number must be the cost of
-exactly the training step (``forward_backward`` + ``step``) that ``vitboost train`` runs,
-with no data loading or augmentation in it, so strategies compare on equal terms.
-``--peers`` adds, in the same process and with the same batch, what the usual
-alternatives run: plain HF ``ViTForImageClassification`` eager (the HF Trainer's step)
-and timm's ViT under ``torch.compile``.
+exactly the training step (``Engine.train_step``, with the compile / CUDA-graph choices a
+long ``vitboost train`` run gets) with no data loading or augmentation in it, so strategies
+compare on equal terms. ``--peers`` adds, in the same process and with the same batch, what
+users try instead: HF ``ViTForImageClassification`` eager (the HF Trainer's step) and
+compiled whole, timm's ViT under ``torch.compile``, and timm's whole step as one CUDA graph.
 
-    vitboost bench --model vit-base -b 256 --compile --peers --json out.json
+    vitboost bench --model vit-base -b 256 --peers --json out.json
     torchrun --nproc_per_node 2 -m vitboost bench --plugin fsdp -b 128 --csv results/bench.csv
 
-Timing: warm-up steps are excluded (the first one, which pays for compilation, is reported
-as ``compile_or_first_step_s``); the timed steps run back to back with no host sync, timed
-by CUDA events on GPU and the host clock on CPU; the slowest rank's time counts.
+Timing: warm-up steps are excluded (their total, compilation and graph capture included, is
+``warmup_s``); the timed steps run back to back with no host sync, timed by CUDA events on
+GPU and the host clock on CPU; the slowest rank's time counts.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ BOOL = argparse.BooleanOptionalAction
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense tensor cores
 FIELDS = ("name", "model", "plugin", "strategy", "world_size", "dp", "tp", "pp", "precision", "batch_size",
           "global_batch", "steps", "warmup", "img_per_s", "img_per_s_per_gpu", "step_time_ms",
-          "compile_or_first_step_s", "gflop_per_image", "tflops_per_gpu", "mfu", "peak_gib_per_gpu",
+          "warmup_s", "gflop_per_image", "tflops_per_gpu", "mfu", "peak_gib_per_gpu",
           "state_gib_per_rank", "host_rss_gib", "compile", "grad_checkpoint", "loss", "device", "torch",
           "transformers", "date")
 
@@ -58,13 +58,18 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     a("--microbatch_size", type=int)
     a("--pp_schedule", choices=PP_SCHEDULES)
     a("--mixed_precision", choices=PRECISIONS)
-    a("--compile", action=BOOL, default=None)
+    a("--compile", nargs="?", const="true", choices=("auto", "true", "false"),
+      help="torch.compile (default auto: on, as for a long training run)")
     a("--grad_checkpoint", action=BOOL, default=None)
     a("--device", choices=("auto", "cuda", "cpu"))
     a("--seed", type=int)
     a("--steps", type=int, default=20, help="timed steps")
     a("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, NCCL setup)")
-    a("--peers", action="store_true", help="also time HF eager and timm+torch.compile (single process only)")
+    a("--peers", nargs="*", metavar="PEER", help="also time what users try instead (single process only): "
+      "hf_eager, hf_compile, timm_compile, timm_cudagraph; no names: all of them")
+    a("--cuda_graph", choices=("auto", "true", "false"), help="the whole step as one CUDA graph (default auto)")
+    a("--no-compile", dest="compile", action="store_const", const="false", help=argparse.SUPPRESS)
+    a("--tf32", action=BOOL, default=None, help="fp32 matmuls on TF32 tensor cores (default on)")
     a("--peak_tflops", type=float, help=f"peak FLOP/s per device for MFU (default {DEFAULT_PEAK_TFLOPS:g} "
                                         "on CUDA: H100/H200 bf16 dense; none on CPU, so mfu is null)")
     a("--json", help="write the rows as a JSON list to this file")
@@ -102,7 +107,9 @@ def _barrier() -> None:
 
 def time_steps(step: Callable[[], Tensor], steps: int, warmup: int,
                device: torch.device) -> tuple[float | None, float, Tensor]:
-    """Run ``warmup`` then ``steps`` training steps; return (first step s, timed s, last loss).
+    """Run ``warmup`` then ``steps`` training steps; return (warm-up s, timed s, last loss).
+
+    The warm-up time is every untimed step together: compilation and graph capture happen there.
 
     The timed loop never syncs with the host: on GPU, CUDA events bracket it, so the
     time is the GPU's; on CPU the host clock is the only clock.
@@ -110,13 +117,12 @@ def time_steps(step: Callable[[], Tensor], steps: int, warmup: int,
     first = None
     loss = torch.zeros(())
     _barrier()
-    for i in range(warmup):
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
         loss = step()
-        if i == 0:
-            _sync(device)
-            first = time.perf_counter() - t0
     _sync(device)
+    if warmup:
+        first = time.perf_counter() - t0
     _barrier()
     _sync(device)
     if device.type == "cuda":
@@ -190,7 +196,7 @@ def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: st
         "global_batch": global_batch, "steps": steps, "warmup": warmup,
         "img_per_s": round(img_per_s, 2), "img_per_s_per_gpu": round(img_per_s / world, 2),
         "step_time_ms": round(elapsed_s / steps * 1e3, 3),
-        "compile_or_first_step_s": None if first_s is None else round(first_s, 3),
+        "warmup_s": None if first_s is None else round(first_s, 3),
         "gflop_per_image": _sig(flops_per_image / 1e9),
         "tflops_per_gpu": _sig(achieved / 1e12),
         "mfu": None if not peak_tflops else round(achieved / (peak_tflops * 1e12), 4),
@@ -206,7 +212,7 @@ def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: st
 def format_table(rows: list[dict[str, Any]]) -> str:
     cols = [("name", "name"), ("strategy", "strategy"), ("world_size", "gpus"), ("precision", "prec"),
             ("global_batch", "batch"), ("img_per_s", "img/s"), ("img_per_s_per_gpu", "img/s/gpu"),
-            ("step_time_ms", "step ms"), ("compile_or_first_step_s", "first s"), ("mfu", "mfu"),
+            ("step_time_ms", "step ms"), ("warmup_s", "warm-up s"), ("mfu", "mfu"),
             ("peak_gib_per_gpu", "peak GiB"), ("state_gib_per_rank", "state GiB"), ("host_rss_gib", "rss GiB")]
     cell = lambda v: "-" if v is None else f"{v:,.1f}" if isinstance(v, float) and v >= 100 else str(v)  # noqa: E731
     table = [[h for _, h in cols]] + [[cell(r[k]) for k, _ in cols] for r in rows]
@@ -256,16 +262,18 @@ def synthetic_batch(batch: int, pre: Any, num_labels: int, device: torch.device,
     return x, labels.to(device)
 
 
-def _strategy_label(cfg: TrainConfig, plugin: str, dims: Any, mb: int | None) -> str:
-    parts = [plugin]
-    if plugin == "low_level_zero":
+def _strategy_label(cfg: TrainConfig, plan: Any, dims: Any, mb: int | None) -> str:
+    parts = [plan.plugin]
+    if plan.plugin == "low_level_zero":
         parts.append(f"zero{cfg.zero_stage}")
     if dims.tp > 1:
         parts.append(f"tp{dims.tp}")
     if dims.pp > 1:
         parts.append(f"pp{dims.pp} mb{mb} {cfg.pp_schedule}")
-    if cfg.compile:
-        parts.append("+compile")
+    if plan.compile != "none":
+        parts.append(f"+compile({plan.compile})")
+    if plan.cuda_graph:
+        parts.append("+cuda_graph")
     if cfg.grad_checkpoint:
         parts.append("+ckpt")
     return " ".join(parts)
@@ -278,8 +286,8 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
     from .engine import Engine
     from .model import build_model
     from .parallel.dims import ParallelDims
-    from .parallel.plan import make_plan, model_dims
-    from .train import _check_layout
+    from .parallel.plan import make_plan, model_dims, plan_step
+    from .train import _check_layout, set_tf32
 
     say = print if rank == 0 else (lambda *a, **k: None)
     dims = ParallelDims(world, tp=cfg.tp_size, pp=cfg.pp_size)
@@ -287,25 +295,27 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
     dp_rank = dims.mesh["dp"].get_local_rank()
     torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP / TP do not broadcast)
     model, pre = build_model(cfg.model, [str(i) for i in range(args.num_labels)], pretrained="none",
-                             image_size=cfg.image_size, patch_size=cfg.patch_size, log=say)
+                             image_size=cfg.image_size, patch_size=cfg.patch_size, log=say,
+                             device=device if device.type == "cuda" and cfg.plugin != "gemini" else None)
     _check_layout(cfg, model, dims)
     config = copy.deepcopy(model.config)
     plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
-    if plan.reason:
-        say(plan.reason)
+    plan = plan_step(plan, cfg, device.type, None)  # auto: what a long training run gets
+    set_tf32(cfg.tf32)
+    for note in (plan.reason, *plan.step_notes):
+        if note:
+            say(note)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     engine = Engine(model, cfg, dims, plan, device, soft_cross_entropy)
     mb = (cfg.microbatch_size or max(1, cfg.batch_size // (2 * dims.pp))) if dims.pp > 1 else None
-    strategy = _strategy_label(cfg, plan.plugin, dims, mb)
+    strategy = _strategy_label(cfg, plan, dims, mb)
     say(f"bench: {strategy} (dp={dims.dp} tp={dims.tp} pp={dims.pp}, {plan.precision}) on {world} x {device.type}, "
         f"batch {cfg.batch_size}/dp rank, {args.warmup} warm-up + {args.steps} timed steps")
     x, y = synthetic_batch(cfg.batch_size, pre, args.num_labels, device, seed=cfg.seed + dp_rank)
 
     def step() -> Tensor:
-        loss = engine.forward_backward(x, y)
-        engine.step()
-        return loss
+        return engine.train_step([(x, y)])[0]
 
     first, elapsed, loss = time_steps(step, args.steps, args.warmup, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1.0
@@ -315,7 +325,8 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
                    world=world, dp=dims.dp, tp=dims.tp, pp=dims.pp, batch_size=cfg.batch_size, steps=args.steps,
                    warmup=args.warmup, first_s=None if first is None else first_m, elapsed_s=elapsed,
                    flops_per_image=vit_flops_per_image(config), peak_tflops=_peak(args, device),
-                   peak_bytes=None if peak < 0 else peak, rss_bytes=rss, compile=cfg.compile, state_bytes=state,
+                   peak_bytes=None if peak < 0 else peak, rss_bytes=rss, compile=plan.compile != "none",
+                   state_bytes=state,
                    grad_checkpoint=cfg.grad_checkpoint, loss=float(loss), device=device)
     return row, config, pre, (x, y)
 
@@ -345,9 +356,9 @@ def _peak(args: argparse.Namespace, device: torch.device) -> float | None:
 
 
 def _plain_step(model: torch.nn.Module, forward: Callable[[], Tensor], lr: float, device: torch.device,
-                dtype: torch.dtype | None) -> Callable[[], Tensor]:
+                dtype: torch.dtype | None, capturable: bool = False) -> Callable[[], Tensor]:
     """What the HF Trainer does per step: autocast forward, backward, clip to 1.0, AdamW, zero grads."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=device.type == "cuda", capturable=capturable)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step() -> Tensor:
@@ -362,34 +373,72 @@ def _plain_step(model: torch.nn.Module, forward: Callable[[], Tensor], lr: float
     return step
 
 
+PEERS = {  # what a user would try instead, measured in the same process on the same batch
+    "hf_eager": "HF ViTForImageClassification eager + AdamW (the HF Trainer's step)",
+    "hf_compile": "HF ViTForImageClassification, whole model torch.compile + AdamW",
+    "timm_compile": "timm VisionTransformer + torch.compile + AdamW",
+    "timm_cudagraph": "timm VisionTransformer, whole step (fwd, bwd, clip, AdamW) as one CUDA graph",
+}
+
+
+def _timm_model(config: Any, device: torch.device) -> torch.nn.Module:
+    import timm
+    h = config.hidden_size
+    with torch.device(device):
+        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=config.num_labels,
+                                 img_size=config.image_size, patch_size=config.patch_size, embed_dim=h,
+                                 depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                                 mlp_ratio=config.intermediate_size / h).train()
+
+
+def _graphed(step: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """The anchor's recipe (shared/anchors/small_batch.py): warm up on a side stream, capture, replay."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        loss = step()
+
+    def replay() -> Tensor:
+        graph.replay()
+        return loss
+    return replay
+
+
 def bench_peer(name: str, config: Any, batch: tuple[Tensor, Tensor], cfg: TrainConfig, args: argparse.Namespace,
                device: torch.device) -> dict[str, Any]:
-    """One peer: plain HF eager (``hf_eager``) or timm + torch.compile (``timm_compile``)."""
+    """One peer of ``PEERS``, built as its users build it, timed like our row."""
     x, y = batch
     dtype = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(cfg.seed)
-    if name == "hf_eager":
+    if name.startswith("hf_"):
         from transformers import ViTForImageClassification
-        model = ViTForImageClassification(copy.deepcopy(config)).to(device).train()
-        step = _plain_step(model, lambda: model(pixel_values=x, labels=y).loss, cfg.lr, device, dtype)
-        strategy, compiled = "HF ViTForImageClassification eager + AdamW", False
+        with torch.device(device):  # init where it trains, as our row does
+            model = ViTForImageClassification._from_config(copy.deepcopy(config), attn_implementation="sdpa")
+        model.train()
+        fast = torch.compile(model) if name == "hf_compile" else model
+        step = _plain_step(model, lambda: fast(pixel_values=x, labels=y).loss, cfg.lr, device, dtype)
     else:
-        import timm
-        h = config.hidden_size
-        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=config.num_labels,
-                                  img_size=config.image_size, patch_size=config.patch_size, embed_dim=h,
-                                  depth=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                                  mlp_ratio=config.intermediate_size / h).to(device).train()
-        fast = torch.compile(model)
-        step = _plain_step(model, lambda: F.cross_entropy(fast(x).float(), y), cfg.lr, device, dtype)
-        strategy, compiled = "timm VisionTransformer + torch.compile + AdamW", True
+        if name == "timm_cudagraph" and device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a GPU")
+        model = _timm_model(config, device)
+        fast = torch.compile(model) if name == "timm_compile" else model
+        step = _plain_step(model, lambda: F.cross_entropy(fast(x).float(), y), cfg.lr, device, dtype,
+                           capturable=name == "timm_cudagraph")
+        if name == "timm_cudagraph":
+            step = _graphed(step)
     first, elapsed, loss = time_steps(step, args.steps, args.warmup, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return make_row(name=name, model=cfg.model, plugin="none", strategy=strategy,
+    return make_row(name=name, model=cfg.model, plugin="none", strategy=PEERS[name],
                     precision="bf16" if dtype else "fp32", world=1, dp=1, tp=1, pp=1, batch_size=cfg.batch_size,
                     steps=args.steps, warmup=args.warmup, first_s=first, elapsed_s=elapsed,
                     flops_per_image=vit_flops_per_image(config), peak_tflops=_peak(args, device),
-                    peak_bytes=peak, rss_bytes=_host_rss_bytes(), compile=compiled, grad_checkpoint=False,
+                    peak_bytes=peak, rss_bytes=_host_rss_bytes(), compile="compile" in name, grad_checkpoint=False,
                     loss=float(loss), device=device)
 
 
@@ -397,10 +446,17 @@ def _peer_rows(config: Any, batch: tuple[Tensor, Tensor], cfg: TrainConfig, args
                device: torch.device) -> list[dict[str, Any]]:
     import importlib.util
     rows = []
-    for name in ("hf_eager", "timm_compile"):
-        if name == "timm_compile" and importlib.util.find_spec("timm") is None:
-            print("peers: timm is not installed; no timm_compile row (pip install timm)")
-            continue
+    names = args.peers or list(PEERS)
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise ConfigError(f"unknown --peers {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+    if device.type != "cuda":
+        print("peers: on CPU only hf_eager (compiled and graphed peers are GPU measurements)")
+        names = ["hf_eager"]
+    if importlib.util.find_spec("timm") is None:
+        print("peers: timm is not installed; no timm rows (pip install timm)")
+        names = [n for n in names if not n.startswith("timm")]
+    for name in names:
         _free(device)
         print(f"bench: peer {name}")
         try:
@@ -419,7 +475,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.num_labels < 1:
         raise ConfigError(f"--num_labels must be >= 1, got {args.num_labels}")
     keys = ("model", "image_size", "patch_size", "batch_size", "plugin", "zero_stage", "tp_size", "pp_size",
-            "microbatch_size", "pp_schedule", "mixed_precision", "compile", "grad_checkpoint", "device", "seed")
+            "microbatch_size", "pp_schedule", "mixed_precision", "compile", "cuda_graph", "tf32", "grad_checkpoint",
+            "device", "seed")
     cfg = make_config({"pretrained": "none", **{k: getattr(args, k) for k in keys}})
     rank, local_rank, world = world_info()
     device = pick_device(cfg.device, local_rank)
@@ -428,7 +485,7 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         row, config, _, batch = bench_vitboost(cfg, args, device, rank, world)
         rows = [row]
-        if args.peers:
+        if args.peers is not None:
             if world > 1:
                 if rank == 0:
                     print(f"peers: skipped under {world} processes (they run single-process; "

@@ -83,7 +83,7 @@ def save_checkpoint(root: Path, step: int, engine, trainer_state: dict, rng_stat
     if _rank() == 0:
         _save_synced(trainer_state, tmp / "trainer.pt")
     _barrier()
-    state = {"model": engine.model_state(), "optim": _optim_state(engine)}
+    state = _state(engine)
     if blocking:
         dcp.save(state, checkpoint_id=tmp)  # DCP's file writer fsyncs its own files
         future: Future = Future()
@@ -159,6 +159,14 @@ def _save_synced(obj, path: Path) -> None:
     _fsync(path)
 
 
+def _state(engine) -> dict:
+    """What DCP saves and loads: model, optimizer and, when on, the weight EMA (loaded in place)."""
+    state = {"model": engine.model_state(), "optim": _optim_state(engine)}
+    if engine.ema is not None:
+        state["ema"] = engine.ema.state_dict()
+    return state
+
+
 def _optim_state(engine) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     opt, model = engine.optimizer_and_model()
@@ -168,7 +176,7 @@ def _optim_state(engine) -> dict:
 def load_checkpoint(path: Path, engine) -> tuple[dict, dict | None]:
     """Load model + optimizer into the engine; return (trainer_state, this rank's RNG state or None)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    state = {"model": engine.model_state(), "optim": _optim_state(engine)}
+    state = _state(engine)
     dcp.load(state, checkpoint_id=path)
     engine.load_model_state(state["model"])
     opt, model = engine.optimizer_and_model()
@@ -180,11 +188,16 @@ def load_checkpoint(path: Path, engine) -> tuple[dict, dict | None]:
     return trainer_state, rng
 
 
-def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Single process, no process group: fill a plain HF model from a checkpoint (for export/eval)."""
+def load_model_weights(path: Path, model: torch.nn.Module, ema: bool = False) -> None:
+    """Single process, no process group: fill a plain HF model from a checkpoint (for export/eval);
+    ``ema``: the run kept a weight EMA, which is what gets exported."""
     import warnings
     state = {"model": model.state_dict()}
+    if ema:
+        state["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters()}  # own storage
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(state, checkpoint_id=path, no_dist=True)
     model.load_state_dict(state["model"])
+    if ema:
+        model.load_state_dict(state["ema"], strict=False)

@@ -37,6 +37,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image_size", type=int)
     g.add_argument("--patch_size", type=int)
     g.add_argument("--dropout", type=float)
+    g.add_argument("--drop_path", type=float, help="stochastic depth rate of the last block (timm's drop_path_rate)")
     g.add_argument("--cache_dir")
     g.add_argument("--skip_bad_images", action=BOOL, default=None)
     g.add_argument("--stream", action=BOOL, default=None,
@@ -50,6 +51,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight_decay", type=float)
     g.add_argument("--warmup_ratio", type=float)
     g.add_argument("--max_grad_norm", type=float)
+    g.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.998 (evaluated and exported); 0: off")
     g.add_argument("--seed", type=int)
     g.add_argument("--augment", choices=("none", "light", "strong"))
     g.add_argument("--mixup", type=float)
@@ -65,7 +67,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_precision", choices=PRECISIONS)
     g.add_argument("--grad_checkpoint", nargs="?", const=True, type=_bool, default=None,
                    help="activation checkpointing per block (ColossalAI's `--grad_checkpoint True` works too)")
-    g.add_argument("--compile", action=BOOL, default=None)
+    g.add_argument("--compile", nargs="?", const="true", choices=("auto", "true", "false"),
+                   help="torch.compile the model (default auto: when the run is long enough to pay it back)")
+    g.add_argument("--no-compile", dest="compile", action="store_const", const="false", help=argparse.SUPPRESS)
+    g.add_argument("--cuda_graph", nargs="?", const="true", choices=("auto", "true", "false"),
+                   help="capture the whole step as one CUDA graph (default auto: wherever the step allows)")
+    g.add_argument("--no-cuda_graph", dest="cuda_graph", action="store_const", const="false", help=argparse.SUPPRESS)
+    g.add_argument("--tf32", action=BOOL, default=None, help="fp32 matmuls on TF32 tensor cores (default on)")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"))
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--eval_batch_size", type=int)

@@ -15,6 +15,7 @@ import yaml
 PLUGINS = ("torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel", "fsdp", "auto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")
+AUTO_MODES = ("auto", "true", "false")  # --compile / --cuda_graph: auto picks what pays and says why
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,7 @@ class TrainConfig:
     image_size: int | None = None  # override the model's input size (named configs only)
     patch_size: int | None = None  # override the patch size (named configs only)
     dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth of the last block (rising linearly from 0), as timm/DeiT
     # optimisation (batch_size is per data-parallel rank, as in the ColossalAI example)
     epochs: int = 3
     max_steps: int | None = None  # stop after this many optimizer steps (benchmarks, smoke tests)
@@ -39,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_ratio: float = 0.3
     max_grad_norm: float = 1.0
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); evaluated and exported
     seed: int = 42
     # augmentation (vitboost.augment presets: none, light, strong) and overrides
     augment: str = "none"
@@ -54,7 +57,9 @@ class TrainConfig:
     pp_schedule: str = "1F1B"
     mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     grad_checkpoint: bool = False
-    compile: bool = False
+    compile: str = "auto"  # torch.compile the model: auto = when the run is long enough to pay for it
+    cuda_graph: str = "auto"  # the whole step as one CUDA graph: auto = wherever the step allows it
+    tf32: bool = True  # fp32 matmuls on TF32 tensor cores (as HF Trainer's --tf32); no effect on CPU
     device: str = "auto"
     # evaluation, logging, checkpoints
     eval_batch_size: int = 64
@@ -91,6 +96,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"--ema must be in [0, 1) (a decay such as 0.998; 0 turns it off), got {self.ema}")
+        if not 0 <= self.drop_path < 1:
+            raise ConfigError(f"--drop_path must be in [0, 1), got {self.drop_path}")
         for name in ("mixup", "cutmix", "weight_decay", "max_grad_norm", "dropout"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -98,6 +107,13 @@ class TrainConfig:
             raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.augment not in ("none", "light", "strong"):
             raise ConfigError(f"unknown --augment {self.augment!r}; choose none, light or strong")
+        for name in ("compile", "cuda_graph"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or value in (None, 0, 1):  # YAML `compile: true`
+                value = "true" if value else "false"
+            if str(value).lower() not in AUTO_MODES:
+                raise ConfigError(f"--{name} must be auto, true or false, got {value!r}")
+            setattr(self, name, str(value).lower())
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

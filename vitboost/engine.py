@@ -1,12 +1,13 @@
 """Engine: runs any strategy behind a handful of calls, so the training loop never asks which.
 
-    loss = engine.forward_backward(images, targets, accum=1, sync=True)
-    grad_norm = engine.step()
+    loss, grad_norm = engine.train_step([(images, targets), ...])   # one optimizer step
     logits = engine.logits(images)          # eval, full logits on every rank
     engine.model_state() / optim_state()    # FQN-keyed, for torch.distributed.checkpoint
 
 Pipeline parallel is the one place the mechanics differ (a schedule drives forward and
-backward over microbatches); that difference lives here, not in the loop.
+backward over microbatches); that difference lives here, not in the loop. So does the speed
+plan: a single module may be compiled whole (eval stays eager: no recompiles for its shapes)
+and its step captured as one CUDA graph (vitboost.cuda_graph).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from .parallel.parallelize import parallelize
 from .parallel.pipeline import PipelineRunner, clip_grad_norm_, split_model
 from .parallel.plan import Plan
 from .parallel.zero import zero1_optimizer
+from .cuda_graph import GraphedStep
+from .regularize import EMA
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -52,12 +55,16 @@ class Engine:
             model, stages = split_model(model, mesh["pp"].get_local_rank(), dims.pp, stages_per_rank=per_rank)
         if not plan.cpu_offload:
             model.to(device)
-        self.model = parallelize(model, dims, plan, device, grad_checkpoint=cfg.grad_checkpoint,
-                                 compile=cfg.compile)
+        self.model = parallelize(model, dims, plan, device, grad_checkpoint=cfg.grad_checkpoint)
+        # training forward: the whole module compiled; eval keeps the eager module
+        self._forward = torch.compile(self.model) if plan.compile == "model" else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema = EMA([(n, p) for n, p in _unwrap(self.model).named_parameters() if p.requires_grad],
+                       cfg.ema) if cfg.ema > 0 else None
         self.optimizer = self._build_optimizer()
         self.scaler = self._build_scaler()
         self._accum = 1
+        self.graphed = GraphedStep(self._one_step, self.optimizer) if plan.cuda_graph else None
         if stages is not None:
             mb = cfg.microbatch_size or max(1, cfg.batch_size // (2 * dims.pp))
             if cfg.batch_size % mb:
@@ -126,11 +133,29 @@ class Engine:
                     loss = loss / self.scaler._scale.to(loss.device)
                 return loss * accum
             with self.autocast():
-                logits = self.model(pixel_values=images).logits
+                logits = self._forward(pixel_values=images).logits
             loss = self.loss_fn(logits.float(), targets)
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         return loss.detach()
+
+    def train_step(self, micro_batches: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """One optimizer step over the micro-batches of gradient accumulation.
+
+        Returns (mean loss, global grad norm) as device tensors: no host sync. Under a CUDA
+        graph they are the graph's outputs, overwritten by the next step.
+        """
+        if self.graphed is not None:
+            (x, y), = micro_batches
+            return self.graphed(x, y)
+        accum, total = len(micro_batches), None
+        for i, (x, y) in enumerate(micro_batches):
+            loss = self.forward_backward(x, y, accum, sync=i == accum - 1)
+            total = loss if total is None else total + loss
+        return total / accum, self.step()
+
+    def _one_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward_backward(x, y), self.step()
 
     def step(self) -> Tensor:
         """Clip, step, zero grads. Returns the global grad norm (a device tensor: no host sync)."""
@@ -145,6 +170,8 @@ class Engine:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
         return norm
 
     # -- evaluation ---------------------------------------------------------------------
@@ -155,9 +182,12 @@ class Engine:
             if self.runner is not None:
                 out = self.runner.forward(images)
             else:
-                model = getattr(self.model, "module", self.model)  # skip DDP's wrapper in eval
-                out = model(pixel_values=images).logits
+                out = _unwrap(self.model)(pixel_values=images).logits  # skip DDP's wrapper in eval
         return out.float()
+
+    def eval_weights(self):
+        """Evaluate (and export) the EMA weights when there are any."""
+        return self.ema.swapped() if self.ema is not None else contextlib.nullcontext()
 
     # -- checkpoint state -----------------------------------------------------------------
     def model_state(self) -> dict[str, Tensor]:
@@ -176,6 +206,10 @@ class Engine:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP keeps the module under .module
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,

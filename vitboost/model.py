@@ -26,7 +26,27 @@ NAMED_CONFIGS: dict[str, tuple[int, int, int, int, int, int]] = {
 }
 
 
-ATTENTION = "sdpa"  # torch's fused scaled-dot-product attention (flash / memory-efficient kernels)
+ATTENTION = "vitboost_sdpa"  # torch's fused attention, called with no mask (see vit_sdpa_attention)
+
+
+def vit_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA for ViT, which attends to every token: never a mask, never causal.
+
+    transformers' stock ``sdpa`` function materializes a mask whenever it cannot inspect values
+    (CUDA-graph capture, torch.compile tracing), which rules out FlashAttention: capture fails
+    and whole-model compile decomposes attention into matmuls and a softmax (BENCHMARKS.md).
+    Registered through ``AttentionInterface``, so parameter names, checkpoints and export are
+    untouched; an exported config names plain ``sdpa``.
+    """
+    out = nn.functional.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(ATTENTION, vit_sdpa_attention)
 
 
 class ModelError(ValueError):
@@ -80,10 +100,19 @@ def _hub_error(name: str, err: Exception) -> ModelError:
 
 
 def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", image_size: int | None = None,
-                patch_size: int | None = None, dropout: float = 0.0, log=print) -> tuple[nn.Module, Preprocess]:
-    """Return (ViTForImageClassification with a head for ``label_names``, its preprocessing)."""
+                patch_size: int | None = None, dropout: float = 0.0, device: torch.device | str | None = None,
+                log=print) -> tuple[nn.Module, Preprocess]:
+    """Return (ViTForImageClassification with a head for ``label_names``, its preprocessing).
+
+    A random init runs on ``device`` (default: the CPU): on a GPU, ViT-B's init takes
+    milliseconds instead of ~5 s of CPU work, and no copy follows. Every rank seeds alike,
+    so every rank draws the same weights (FSDP and TP do not broadcast them).
+    """
+    import contextlib
+    on_device = torch.device(device) if device is not None else contextlib.nullcontext()
     from transformers import AutoConfig, ViTForImageClassification
 
+    _register_attention()
     n = len(label_names)
     id2label = {i: l for i, l in enumerate(label_names)}
     label2id = {l: i for i, l in id2label.items()}
@@ -95,7 +124,8 @@ def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", 
             raise ModelError(f"{name!r} is a named config without weights; use --pretrained none or a hub id / folder")
         config = named_config(name, n, image_size, patch_size, dropout)
         config.id2label, config.label2id = id2label, label2id
-        model = ViTForImageClassification._from_config(config, attn_implementation=ATTENTION)
+        with on_device:
+            model = ViTForImageClassification._from_config(config, attn_implementation=ATTENTION)
         linear_patch_embedding(model)
         log(f"model: {name} (random init, {_count(model) / 1e6:.1f}M params, {config.image_size}px, patch {config.patch_size})")
         return model, Preprocess(config.image_size)
@@ -115,7 +145,8 @@ def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", 
     try:
         if pretrained == "none":
             config = AutoConfig.from_pretrained(name, **kw)
-            model = ViTForImageClassification._from_config(config, attn_implementation=ATTENTION)
+            with on_device:
+                model = ViTForImageClassification._from_config(config, attn_implementation=ATTENTION)
             log(f"model: {name} config, random init ({_count(model) / 1e6:.1f}M params)")
         else:
             hf_log = logging.getLogger("transformers.modeling_utils")

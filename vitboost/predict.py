@@ -83,9 +83,16 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         raise ModelError(f"{run} has no hf_config/config.json (written at the start of every run); "
                          f"is {checkpoint} a vitboost run?")
     model = ViTForImageClassification(ViTConfig.from_pretrained(hf))
-    load_model_weights(step, model)
+    load_model_weights(step, model, ema=_run_uses_ema(run))
     export_pretrained(model, read_preprocess(hf, model.config.image_size), out)
     return out
+
+
+def _run_uses_ema(run: Path) -> bool:
+    """The run's resolved config says whether it kept a weight EMA (then the EMA is the model)."""
+    import yaml
+    cfg = run / "config.yaml"
+    return cfg.is_file() and float((yaml.safe_load(cfg.read_text()) or {}).get("ema") or 0) > 0
 
 
 def save_run_config(model, pre: Preprocess, run: Path) -> None:

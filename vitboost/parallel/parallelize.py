@@ -20,18 +20,18 @@ from .tensor import apply_tensor_parallel, find_blocks
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, plan: Plan, device: torch.device, *,
-                grad_checkpoint: bool = False, compile: bool = False) -> nn.Module:
+                grad_checkpoint: bool = False) -> nn.Module:
     mesh = dims.mesh
     if dims.tp_enabled:
         apply_tensor_parallel(model, mesh["tp"])
     if grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if compile:
+    if plan.compile == "blocks":  # FSDP/TP/PP units; a single module is compiled whole by the Engine
         for _, block in find_blocks(model):
-            block.compile()  # per block: the whole HF model compiled at once was slower than eager
+            block.compile()
     if plan.data_parallel == "fsdp":
         return apply_fsdp(model, mesh["dp"], param_dtype=plan.dtype, cpu_offload=plan.cpu_offload,
                           reshard_after_forward=plan.reshard_after_forward)
-    if dims.dp_enabled:
+    if plan.data_parallel == "ddp":
         return apply_ddp(model, mesh["dp"], device)
-    return model
+    return model  # "none": a data-parallel group of one rank gets no wrapper

@@ -12,9 +12,14 @@ training loop never branches on the strategy.
 | fsdp              | FSDP2                  | params + grads + states sharded (ZeRO-3) |
 | gemini            | FSDP2 + CPUOffload     | everything on CPU, optimizer on CPU      |
 | hybrid_parallel   | FSDP2 over dp          | DTensor TP x torch.distributed.pipelining|
+
+A data-parallel group of one rank gets no wrapper at all (``data_parallel="none"``): DDP, ZeRO and
+FSDP over one rank shard nothing and communicate with nobody, yet FSDP's per-block hooks cost
+3.9x on a small model (BENCHMARKS.md). Gemini keeps FSDP on one GPU: its CPU offload is the point.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +30,15 @@ from ..config import ConfigError, TrainConfig
 @dataclass(frozen=True)
 class Plan:
     plugin: str
-    data_parallel: str  # "ddp" | "fsdp"
+    data_parallel: str  # "ddp" | "fsdp" | "none" (a data-parallel group of one rank)
     precision: str  # "fp32" | "bf16" | "fp16"
     reshard_after_forward: bool = True
     cpu_offload: bool = False
     zero1: bool = False
     reason: str = ""
+    compile: str = "none"  # "none" | "model" (one graph, single module) | "blocks" (each block: FSDP/TP/PP)
+    cuda_graph: bool = False  # the whole step captured once and replayed (vitboost.cuda_graph)
+    step_notes: tuple[str, ...] = ()  # what was chosen for the step and why, for the log
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -50,6 +58,16 @@ def resolve_precision(requested: str, plugin: str, device_type: str) -> str:
 
 def make_plan(cfg: TrainConfig, device_type: str, world_size: int, num_params: int = 0,
               model_dims: tuple[int, int, int, int] | None = None) -> Plan:
+    plan = _plugin_plan(cfg, device_type, world_size, num_params, model_dims)
+    dp = world_size // max(1, cfg.tp_size * cfg.pp_size)
+    if dp == 1 and not plan.cpu_offload and plan.data_parallel != "none":
+        # nothing to shard or all-reduce across one rank: run the module as it is
+        return dataclasses.replace(plan, data_parallel="none", zero1=False, reshard_after_forward=False)
+    return plan
+
+
+def _plugin_plan(cfg: TrainConfig, device_type: str, world_size: int, num_params: int,
+                 model_dims: tuple[int, int, int, int] | None) -> Plan:
     plugin, reason, zero_stage = cfg.plugin, "", cfg.zero_stage
     if plugin == "auto":
         plugin, reason = choose_auto(cfg, device_type, world_size, num_params, model_dims)
@@ -67,7 +85,10 @@ def make_plan(cfg: TrainConfig, device_type: str, world_size: int, num_params: i
     if plugin == "fsdp":
         return Plan(plugin, "fsdp", precision, reason=reason)
     if plugin == "gemini":
-        return Plan(plugin, "fsdp", precision, cpu_offload=True, reason=reason)
+        # one rank: nothing to reshard for others; keeping the gathered bf16 params from forward to backward
+        # saves one host-to-device copy of the model per step (+20% on ViT-B, BENCHMARKS.md) for 2 bytes/param
+        keep = world_size == 1 and device_type == "cuda" and 2 * num_params < 0.25 * torch.cuda.mem_get_info()[0]
+        return Plan(plugin, "fsdp", precision, cpu_offload=True, reshard_after_forward=not keep, reason=reason)
     if plugin == "hybrid_parallel":
         # under PP the params are needed again in each microbatch's backward: keep them gathered
         return Plan(plugin, "fsdp", precision, reshard_after_forward=cfg.pp_size == 1, reason=reason)
@@ -113,3 +134,40 @@ def choose_auto(cfg: TrainConfig, device_type: str, world_size: int, num_params:
                             f"80% of {gib(free)} free per GPU")
     return "gemini", (f"auto: gemini: even fully sharded, {gib(16 * p / n)} + activations {gib(act)} exceed "
                       f"80% of {gib(free)} free per GPU; offloading to CPU")
+
+
+# A cold whole-model compile costs 23-29 s on an H200 and, on top of a CUDA-graphed step, saves
+# 2-9 ms a step (ViT-B b16 to vit-small b128): it pays back after 2,800-13,000 steps
+# (BENCHMARKS.md section 15). auto compiles runs of at least this many steps.
+COMPILE_PAYS_AFTER_STEPS = 5000
+
+
+def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int | None) -> Plan:
+    """Decide --compile / --cuda_graph (auto, true, false) for this plan and run length; say why."""
+    from ..cuda_graph import graph_unsupported_reason
+    notes = []
+    single = plan.data_parallel == "none" and cfg.tp_size == 1 and cfg.pp_size == 1 and not plan.cpu_offload
+    target = "model" if single else "blocks"
+    if cfg.compile == "true":
+        compile = target
+    elif cfg.compile == "false":
+        compile = "none"
+    elif device_type != "cuda":
+        compile, _ = "none", notes.append("compile: off (auto: no GPU)")
+    elif total_steps is not None and total_steps < COMPILE_PAYS_AFTER_STEPS:
+        compile = "none"
+        notes.append(f"compile: off (auto: {total_steps} steps < {COMPILE_PAYS_AFTER_STEPS}, "
+                     f"too short to pay back compilation)")
+    else:
+        compile = target
+        notes.append(f"compile: {target} (auto: {total_steps or 'many'} steps pay back compilation)")
+    why_not = graph_unsupported_reason(device_type=device_type, data_parallel=plan.data_parallel,
+                                       tp=cfg.tp_size, pp=cfg.pp_size, cpu_offload=plan.cpu_offload,
+                                       grad_accum=cfg.grad_accum)
+    if cfg.cuda_graph == "true" and why_not:
+        raise ConfigError(f"--cuda_graph true is not possible here: {why_not}; use --cuda_graph auto")
+    graph = cfg.cuda_graph != "false" and why_not is None
+    if cfg.cuda_graph == "auto":
+        notes.append("cuda_graph: on (auto: the step runs in one process with no host sync)" if graph
+                     else f"cuda_graph: off (auto: {why_not})")
+    return dataclasses.replace(plan, compile=compile, cuda_graph=graph, step_notes=tuple(notes))
