@@ -80,6 +80,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", help="auto (latest in --output) or a checkpoint folder")
     g.add_argument("--overwrite", action=BOOL, default=None)
     g.add_argument("--plot", action=BOOL, default=None)
+    g.add_argument("--report_to", nargs="+", help="also log to: tensorboard (under <output>/tb) or none (default)")
     g.add_argument("--export", action=BOOL, default=None)
     g.add_argument("--progress", action=BOOL, default=None)
 

@@ -71,6 +71,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     stream: bool = False  # decode batch by batch instead of caching (automatic when the cache would not fit)
     plot: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # also log to: tensorboard (<output>/tb)
     export: bool = True  # write an HF save_pretrained folder to <output>/model at the end
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the summary
@@ -100,6 +101,10 @@ class TrainConfig:
             raise ConfigError(f"unknown --augment {self.augment!r}; choose none, light or strong")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        from .report import check_available, normalize_report_to
+        self.report_to = normalize_report_to(self.report_to)
+        if problem := check_available(self.report_to):
+            raise ConfigError(problem)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
