@@ -27,6 +27,7 @@ from .config import ConfigError, TrainConfig
 from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
 from .engine import Engine, cosine_schedule
 from .evaluate import evaluate
+from .lora import apply_lora, check_resume as check_lora_resume
 from .model import Preprocess, build_model
 from .predict import export_checkpoint, save_run_config
 from .report import make_sinks
@@ -122,6 +123,8 @@ def train(cfg: TrainConfig) -> dict:
     if size != pre.image_size:
         raise ConfigError(f"model {cfg.model} expects {pre.image_size}px inputs, not {size}px; "
                           f"use a model whose image_size is {size} or a local folder")
+    model = apply_lora(model, cfg, say)
+    check_lora_resume(cfg, out, model)
     _check_layout(cfg, model, dims)
     if is_main:
         claim_output(cfg, out)
@@ -264,8 +267,8 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if cfg.export and is_main:  # rank 0 rebuilds a plain HF model from the last checkpoint: any layout
-        export_checkpoint(out, out / "model")
-        say(f"model exported to {out / 'model'}")
+        export_checkpoint(out, out / "model", out / "adapter" if cfg.lora_rank else None)
+        say(f"model exported to {out / 'model'}" + (f", LoRA adapter to {out / 'adapter'}" if cfg.lora_rank else ""))
     lap("export")
     summary["timings_s"] = timings
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
