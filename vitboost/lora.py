@@ -141,7 +141,12 @@ def load_for_export(model: nn.Module, hf_config: Path):
     freshly built model, so the checkpoint loads into it; returns the PeftModel, or None."""
     if not (hf_config / ADAPTER_CONFIG).is_file():
         return None
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        from .model import ModelError
+        raise ModelError(f"{hf_config.parent} is a LoRA run: exporting it needs the peft package; "
+                         "pip install peft (or 'vitboost[lora]')") from None
     config = LoraConfig.from_pretrained(str(hf_config))
     base = config.base_model_name_or_path
     with warnings.catch_warnings():
