@@ -50,7 +50,12 @@ if [ -n "$MODEL" ]; then  # the reference recipe, pretrained weights
 else                      # offline: random init, the best from-scratch recipe we measured
   recipe=(--config "$CONFIG")
 fi
+launch=(python3 -m torch.distributed.run --nproc_per_node "$nproc" -m vitboost)
+[ "$nproc" -eq 1 ] && launch=(python3 -m vitboost)   # one process: no torchrun agent to start
+start=$(date +%s.%N)
 set -x
-python3 -m torch.distributed.run --nproc_per_node "$nproc" -m vitboost train "${recipe[@]}" \
+"${launch[@]}" train "${recipe[@]}" \
   --plugin "$PLUGIN" --tp_size "$TP" --pp_size "$PP" --dataset "$DATASET" --output "$OUTPUT" --overwrite \
   --seed "$SEED" "$@"
+{ set +x; } 2>/dev/null
+echo "run_demo: launch to printed accuracy in $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s ($nproc GPU, tp=$TP pp=$PP)"

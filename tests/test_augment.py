@@ -339,3 +339,28 @@ def test_soft_cross_entropy_matches_torch() -> None:
     _, y = _aug(AugmentConfig.preset("none").with_(label_smoothing=0.1))(images, labels)
     torch.testing.assert_close(soft_cross_entropy(logits, y),
                                F.cross_entropy(logits, labels, label_smoothing=0.1))
+
+
+def test_kornia_comparison_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/augment_kornia.py (run on a GPU by hand): every pipeline gets a row with its speed,
+    host cost, resumability and the overhead on a training step; kornia soft targets are distributions."""
+    pytest.importorskip("kornia")
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "augment_kornia.py"
+    spec = importlib.util.spec_from_file_location("augment_kornia", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["speed", "--device", "cpu", "--batch", "4", "--size", "32", "--model", "vit-micro",
+                       "--iters", "1", "--windows", "1", "--warmup", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["pipeline"] for r in rows] == ["vitboost", "kornia", "kornia_slice_crop"]
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["resumable"] is True
+    aug = bench.KorniaAugment(AugmentConfig.preset("strong"), K, MEAN, STD, seed=0)
+    images, labels = _batch()
+    x, y = aug(images, labels)
+    assert x.shape == images.shape and x.dtype == torch.float32
+    assert y.shape == (8, K) and torch.allclose(y.sum(1), torch.ones(8)) and (y >= 0).all()

@@ -72,3 +72,15 @@ def test_bench_peers(tmp_path):
 def test_bad_steps_is_a_one_line_error(capsys):
     assert main([*SMOKE, "--steps", "0"]) == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_lora_trains_a_fraction_of_the_parameters_and_keeps_less_state(tmp_path):
+    pytest.importorskip("peft")
+    full, = _rows(tmp_path)
+    lora, = _rows(tmp_path, "--lora_rank", "2")
+    _consistent(lora)
+    assert full["trainable_params"] == full["params"]
+    # adapters (rank 2 on 6 linears per block) and the 10-class head: a small part of the model
+    assert 0 < lora["trainable_params"] < 0.2 * lora["params"] and lora["params"] > full["params"]
+    assert lora["state_gib_per_rank"] < full["state_gib_per_rank"]  # no grads or Adam states for the base
+    assert "+lora r2" in lora["strategy"]

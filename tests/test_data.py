@@ -1,6 +1,7 @@
 """Tests for vitboost.data: loading, caching, conversion, errors, batching, parquet and hub paths."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -346,6 +347,59 @@ def test_hub_dataset_is_decoded_by_us_and_cached(tmp_path, monkeypatch, count_op
     count_opens.clear()
     again, _ = load("someone/beans", cache_dir=cache)
     assert count_opens == [] and torch.equal(again.splits["train"].images, ds.splits["train"].images)
+
+
+def _saved_split(datasets, files: list[Path], labels: list[int], names: list[str]):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+    rows = [{"bytes": f.read_bytes(), "path": None} for f in files]
+    return datasets.Dataset.from_dict({"image": rows, "label": labels}, features=features)
+
+
+@needs_beans
+def test_save_to_disk_folders_are_read_with_load_from_disk(tmp_path, count_opens):
+    """A DatasetDict folder (dataset_dict.json) gives its splits and ClassLabel names (not folder
+    names, not sorted); a single saved Dataset is the train split; the cache is reused."""
+    datasets = pytest.importorskip("datasets")
+    names = ["healthy", "angular_leaf_spot", "bean_rust"]  # deliberately not sorted
+    files = [beans_file(c, i) for c in ("healthy", "bean_rust") for i in range(2)]
+    dd = datasets.DatasetDict({"train": _saved_split(datasets, files, [0, 0, 2, 2], names),
+                               "val": _saved_split(datasets, files[:1], [0], names)})
+    dd.save_to_disk(str(tmp_path / "dict"))
+    cache = tmp_path / "cache"
+    ds, _ = load(tmp_path / "dict", cache_dir=cache)
+    assert ds.label_names == names and list(ds.splits) == ["train", "validation"]
+    assert ds.splits["train"].labels.tolist() == [0, 0, 2, 2]
+    ref, _ = load(make_folder(tmp_path / "folder", {"train": 2}))  # the same JPEGs, decoded from files
+    assert torch.equal(ds.splits["train"].images[:2], ref.splits["train"].images[4:6])  # healthy 0, 1
+    count_opens.clear()
+    assert load(tmp_path / "dict", cache_dir=cache)[0].fingerprint == ds.fingerprint and count_opens == []
+
+    dd["train"].save_to_disk(str(tmp_path / "single"))
+    single, _ = load(tmp_path / "single")
+    assert list(single.splits) == ["train"] and single.label_names == names
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "dataset_dict.json").write_text("{not json")
+    assert "load_from_disk" in data_error(tmp_path / "broken")
+
+
+@needs_beans
+def test_saved_dataset_dict_trains_end_to_end_with_its_label_names(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from vitboost.cli import main
+    names = ["healthy", "angular_leaf_spot", "bean_rust"]
+    files = {c: [beans_file(c, i) for i in range(4)] for c in names}
+    def split(n: int):
+        picked = [(f, y) for y, c in enumerate(names) for f in files[c][:n]]
+        return _saved_split(datasets, [f for f, _ in picked], [y for _, y in picked], names)
+    datasets.DatasetDict({"train": split(4), "validation": split(1)}).save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "run"
+    assert main(["train", "--model", "vit-micro", "--dataset", str(tmp_path / "saved"), "--output", str(out),
+                 "--epochs", "1", "-b", "4", "--cache_dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert [config["id2label"][str(i)] for i in range(3)] == names
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval"]["validation"]["num_samples"] == 3
 
 
 def test_hub_unreachable_message(monkeypatch):

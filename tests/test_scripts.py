@@ -33,7 +33,8 @@ def test_a_layout_needing_more_gpus_is_refused_with_one_line(tmp_path):
 
 def test_one_gpu_without_an_explicit_layout_drops_pipeline_parallel(tmp_path):
     r = demo(tmp_path, 1)
-    assert r.returncode == 0 and "--nproc_per_node 1" in r.stdout and "--pp_size 1" in r.stdout
+    assert r.returncode == 0 and "would run: python3 -m vitboost train" in r.stdout and "--pp_size 1" in r.stdout
+    assert "torch.distributed.run" not in r.stdout  # one process, launched directly
     assert demo(tmp_path, 1, PP="2").returncode == 1
 
 

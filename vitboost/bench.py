@@ -36,8 +36,8 @@ from .config import PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, TrainConfig,
 BOOL = argparse.BooleanOptionalAction
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense tensor cores
 FIELDS = ("name", "model", "plugin", "strategy", "world_size", "dp", "tp", "pp", "precision", "batch_size",
-          "global_batch", "steps", "warmup", "img_per_s", "img_per_s_per_gpu", "step_time_ms",
-          "warmup_s", "gflop_per_image", "tflops_per_gpu", "mfu", "peak_gib_per_gpu",
+          "global_batch", "params", "trainable_params", "steps", "warmup", "img_per_s", "img_per_s_per_gpu",
+          "step_time_ms", "warmup_s", "gflop_per_image", "tflops_per_gpu", "mfu", "peak_gib_per_gpu",
           "state_gib_per_rank", "host_rss_gib", "compile", "grad_checkpoint", "loss", "device", "torch",
           "transformers", "date")
 
@@ -63,6 +63,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     a("--grad_checkpoint", action=BOOL, default=None)
     a("--device", choices=("auto", "cuda", "cpu"))
     a("--seed", type=int)
+    a("--lora_rank", type=int, help="LoRA adapters of this rank through peft (0: full fine-tuning)")
+    a("--lora_alpha", type=float)
+    a("--lora_targets", help="comma-separated module names (default: the attention and MLP linears)")
     a("--steps", type=int, default=20, help="timed steps")
     a("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, NCCL setup)")
     a("--peers", nargs="*", metavar="PEER", help="also time what users try instead (single process only): "
@@ -184,7 +187,7 @@ def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: st
              pp: int, batch_size: int, steps: int, warmup: int, first_s: float | None, elapsed_s: float,
              flops_per_image: float, peak_tflops: float | None, peak_bytes: float | None, rss_bytes: float,
              compile: bool, state_bytes: float | None = None, grad_checkpoint: bool, loss: float,
-             device: torch.device) -> dict[str, Any]:
+             device: torch.device, params: int | None = None, trainable: int | None = None) -> dict[str, Any]:
     """One result. global_batch counts each image once: batch_size x dp (TP/PP ranks share images)."""
     import transformers
     global_batch = batch_size * dp
@@ -193,7 +196,8 @@ def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: st
     return {
         "name": name, "model": model, "plugin": plugin, "strategy": strategy, "world_size": world,
         "dp": dp, "tp": tp, "pp": pp, "precision": precision, "batch_size": batch_size,
-        "global_batch": global_batch, "steps": steps, "warmup": warmup,
+        "global_batch": global_batch, "params": params, "trainable_params": trainable, "steps": steps,
+        "warmup": warmup,
         "img_per_s": round(img_per_s, 2), "img_per_s_per_gpu": round(img_per_s / world, 2),
         "step_time_ms": round(elapsed_s / steps * 1e3, 3),
         "warmup_s": None if first_s is None else round(first_s, 3),
@@ -211,8 +215,8 @@ def make_row(*, name: str, model: str, plugin: str, strategy: str, precision: st
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     cols = [("name", "name"), ("strategy", "strategy"), ("world_size", "gpus"), ("precision", "prec"),
-            ("global_batch", "batch"), ("img_per_s", "img/s"), ("img_per_s_per_gpu", "img/s/gpu"),
-            ("step_time_ms", "step ms"), ("warmup_s", "warm-up s"), ("mfu", "mfu"),
+            ("global_batch", "batch"), ("trainable_params", "trainable"), ("img_per_s", "img/s"),
+            ("img_per_s_per_gpu", "img/s/gpu"), ("step_time_ms", "step ms"), ("warmup_s", "warm-up s"), ("mfu", "mfu"),
             ("peak_gib_per_gpu", "peak GiB"), ("state_gib_per_rank", "state GiB"), ("host_rss_gib", "rss GiB")]
     cell = lambda v: "-" if v is None else f"{v:,.1f}" if isinstance(v, float) and v >= 100 else str(v)  # noqa: E731
     table = [[h for _, h in cols]] + [[cell(r[k]) for k, _ in cols] for r in rows]
@@ -276,6 +280,8 @@ def _strategy_label(cfg: TrainConfig, plan: Any, dims: Any, mb: int | None) -> s
         parts.append("+cuda_graph")
     if cfg.grad_checkpoint:
         parts.append("+ckpt")
+    if cfg.lora_rank:
+        parts.append(f"+lora r{cfg.lora_rank}")
     return " ".join(parts)
 
 
@@ -284,6 +290,7 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
     """Time the Engine the trainer builds; returns (row, model config, preprocess, batch) for the peers."""
     from .augment import soft_cross_entropy
     from .engine import Engine
+    from .lora import apply_lora
     from .model import build_model
     from .parallel.dims import ParallelDims
     from .parallel.plan import make_plan, model_dims, plan_step
@@ -297,7 +304,10 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
     model, pre = build_model(cfg.model, [str(i) for i in range(args.num_labels)], pretrained="none",
                              image_size=cfg.image_size, patch_size=cfg.patch_size, log=say,
                              device=device if device.type == "cuda" and cfg.plugin != "gemini" else None)
+    model = apply_lora(model, cfg, say)
     _check_layout(cfg, model, dims)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = copy.deepcopy(model.config)
     plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
     plan = plan_step(plan, cfg, device.type, None)  # auto: what a long training run gets
@@ -326,27 +336,28 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
                    warmup=args.warmup, first_s=None if first is None else first_m, elapsed_s=elapsed,
                    flops_per_image=vit_flops_per_image(config), peak_tflops=_peak(args, device),
                    peak_bytes=None if peak < 0 else peak, rss_bytes=rss, compile=plan.compile != "none",
-                   state_bytes=state,
-                   grad_checkpoint=cfg.grad_checkpoint, loss=float(loss), device=device)
+                   state_bytes=state, grad_checkpoint=cfg.grad_checkpoint, loss=float(loss), device=device,
+                   params=params, trainable=trainable)
     return row, config, pre, (x, y)
 
 
 def training_state_bytes(engine) -> float:
     """Bytes this rank keeps between steps for training state: its (shards of) parameters, a
-    gradient of the same size, and the optimizer states it owns. Counted from the tensors, so
-    ZeRO/FSDP savings are measured, not assumed; independent of the device, so CPU runs give the
-    same numbers a GPU would (gemini keeps all of it on the CPU)."""
+    gradient for each trainable one (LoRA: adapters and head only), and the optimizer states it
+    owns. Counted from the tensors, so ZeRO/FSDP savings are measured, not assumed; independent of
+    the device, so CPU runs give the same numbers a GPU would (gemini keeps all of it on the CPU)."""
     from torch.distributed.tensor import DTensor
 
     def nbytes(t: Tensor) -> int:
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()
 
-    params = sum(nbytes(p) for p in engine.params)
+    params = sum(nbytes(p) for p in engine.model.parameters())
+    grads = sum(nbytes(p) for p in engine.params)
     opt, _ = engine.optimizer_and_model()
     states = sum(nbytes(v) for st in opt.state.values() for v in st.values()
                  if isinstance(v, Tensor) and v.numel() > 1)
-    return float(2 * params + states)
+    return float(params + grads + states)
 
 
 def _peak(args: argparse.Namespace, device: torch.device) -> float | None:
@@ -476,7 +487,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num_labels must be >= 1, got {args.num_labels}")
     keys = ("model", "image_size", "patch_size", "batch_size", "plugin", "zero_stage", "tp_size", "pp_size",
             "microbatch_size", "pp_schedule", "mixed_precision", "compile", "cuda_graph", "tf32", "grad_checkpoint",
-            "device", "seed")
+            "device", "seed", "lora_rank", "lora_alpha", "lora_targets")
     cfg = make_config({"pretrained": "none", **{k: getattr(args, k) for k in keys}})
     rank, local_rank, world = world_info()
     device = pick_device(cfg.device, local_rank)
@@ -486,7 +497,10 @@ def run_bench(args: argparse.Namespace) -> int:
         row, config, _, batch = bench_vitboost(cfg, args, device, rank, world)
         rows = [row]
         if args.peers is not None:
-            if world > 1:
+            if cfg.lora_rank:
+                if rank == 0:
+                    print("peers: skipped with --lora_rank (they time full fine-tuning)")
+            elif world > 1:
                 if rank == 0:
                     print(f"peers: skipped under {world} processes (they run single-process; "
                           f"run `vitboost bench --peers` without torchrun)")

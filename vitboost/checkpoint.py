@@ -194,7 +194,7 @@ def load_model_weights(path: Path, model: torch.nn.Module, ema: bool = False) ->
     import warnings
     state = {"model": model.state_dict()}
     if ema:
-        state["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters()}  # own storage
+        state["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters() if p.requires_grad}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(state, checkpoint_id=path, no_dist=True)

@@ -38,6 +38,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--patch_size", type=int)
     g.add_argument("--dropout", type=float)
     g.add_argument("--drop_path", type=float, help="stochastic depth rate of the last block (timm's drop_path_rate)")
+    g.add_argument("--lora_rank", type=int, help="train LoRA adapters of this rank through peft (0: full fine-tuning)")
+    g.add_argument("--lora_alpha", type=float, help="LoRA scaling numerator (default: the rank)")
+    g.add_argument("--lora_dropout", type=float)
+    g.add_argument("--lora_targets", help="comma-separated module names (default: the attention and MLP linears)")
     g.add_argument("--cache_dir")
     g.add_argument("--skip_bad_images", action=BOOL, default=None)
     g.add_argument("--stream", action=BOOL, default=None,
@@ -88,6 +92,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", help="auto (latest in --output) or a checkpoint folder")
     g.add_argument("--overwrite", action=BOOL, default=None)
     g.add_argument("--plot", action=BOOL, default=None)
+    g.add_argument("--report_to", nargs="+", help="also log to: tensorboard (under <output>/tb) or none (default)")
     g.add_argument("--export", action=BOOL, default=None)
     g.add_argument("--progress", action=BOOL, default=None)
 
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a checkpoint as an HF save_pretrained folder (safetensors)")
     p.add_argument("--checkpoint", required=True, help="a run folder (its latest checkpoint) or a step_* folder")
     p.add_argument("--output", required=True)
+    p.add_argument("--adapter", help="a LoRA run: also write the adapter alone (peft format) to this folder")
 
     from .bench import add_bench_args
     add_bench_args(sub.add_parser("bench", help="throughput / memory / MFU on synthetic data"))
@@ -155,8 +161,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from .predict import export_checkpoint
-    out = export_checkpoint(Path(args.checkpoint), Path(args.output))
-    print(f"exported {out}")
+    out = export_checkpoint(Path(args.checkpoint), Path(args.output), Path(args.adapter) if args.adapter else None)
+    print(f"exported {out}" + (f" and the LoRA adapter to {args.adapter}" if args.adapter else ""))
     return 0
 
 

@@ -32,6 +32,11 @@ class TrainConfig:
     patch_size: int | None = None  # override the patch size (named configs only)
     dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth of the last block (rising linearly from 0), as timm/DeiT
+    # LoRA through peft (0: full fine-tuning): adapters on the block linears, the new head fully trained
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # default: the rank (scaling 1)
+    lora_dropout: float | None = None  # default: 0
+    lora_targets: list[str] | None = None  # module-name suffixes; default: the attention and MLP linears
     # optimisation (batch_size is per data-parallel rank, as in the ColossalAI example)
     epochs: int = 3
     max_steps: int | None = None  # stop after this many optimizer steps (benchmarks, smoke tests)
@@ -76,6 +81,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     stream: bool = False  # decode batch by batch instead of caching (automatic when the cache would not fit)
     plot: bool = False
+    report_to: list[str] = field(default_factory=lambda: ["none"])  # also log to: tensorboard (<output>/tb)
     export: bool = True  # write an HF save_pretrained folder to <output>/model at the end
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into the summary
@@ -116,6 +122,34 @@ class TrainConfig:
             setattr(self, name, str(value).lower())
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        self._validate_lora()
+        from .report import check_available, normalize_report_to
+        self.report_to = normalize_report_to(self.report_to)
+        if problem := check_available(self.report_to):
+            raise ConfigError(problem)
+
+    def _validate_lora(self) -> None:
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        if self.lora_rank < 0:
+            raise ConfigError(f"--lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
+        if not self.lora_rank:
+            given = [n for n in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, n) is not None]
+            if given:
+                raise ConfigError(f"--{given[0]} needs --lora_rank R (> 0) to train LoRA adapters")
+            return
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= (self.lora_dropout or 0) < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_targets is not None and not self.lora_targets:
+            raise ConfigError("--lora_targets is empty; pass module names such as q_proj,v_proj or leave it out")
+        if self.tp_size > 1:
+            raise ConfigError("--lora_rank does not combine with --tp_size > 1 (the tensor-parallel plan shards the "
+                              "nn.Linear layers LoRA wraps); use --plugin fsdp, or --pp_size for a pipeline")
+        import importlib.util
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("--lora_rank needs the peft package; pip install peft (or 'vitboost[lora]')")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

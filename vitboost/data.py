@@ -120,7 +120,7 @@ class _Listing:
 def load_image_dataset(source: str | Path, image_size: int, cache_dir: str | Path | None = None, *,
                        skip_bad_images: bool = False, resample: str = "bilinear", stream: bool = False,
                        log: Callable[[str], None] = print) -> ImageDataset:
-    """Load `source` (imagefolder dir, parquet dir/file, or hub id) as uint8 tensors.
+    """Load `source` (imagefolder dir, parquet dir/file, save_to_disk folder, or hub id) as uint8 tensors.
 
     stream=True (or a dataset whose uint8 cache would take over half of the RAM) decodes batch
     by batch instead of caching. Raises DataError (one line) for anything wrong with the data.
@@ -216,8 +216,10 @@ def normalize(images_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[f
 # ---------------------------------------------------------------------------- sources
 
 def _listing(source: str, log: Callable[[str], None]) -> _Listing:
-    """Dispatch on what `source` is: imagefolder dir, parquet dir/file, or hub id."""
+    """Dispatch on what `source` is: save_to_disk folder, imagefolder dir, parquet dir/file, or hub id."""
     path = Path(source).expanduser()
+    if path.is_dir() and _is_saved_dataset(path):
+        return _saved_listing(path, log)
     if path.is_dir():
         parquets = _parquet_files(path)
         return _parquet_listing(path, parquets, log) if parquets else _imagefolder_listing(path, log)
@@ -376,20 +378,55 @@ def _hub_listing(source: str, log: Callable[[str], None]) -> _Listing:
         dd = datasets.load_dataset(source)
     except Exception as e:  # noqa: BLE001 - any hub failure becomes one actionable line
         raise _hub_error(source, e) from e
+    splits = _known_splits(dd, f"dataset '{source}'", log)
+    key = {"kind": "hub", "source": source, "splits": {k: ds._fingerprint for k, ds in sorted(splits.items())}}
+    return _Listing(key, _datasets_build(splits, f"dataset '{source}'", log))
+
+
+def _is_saved_dataset(root: Path) -> bool:
+    """A `datasets` save_to_disk folder: a DatasetDict (dataset_dict.json) or one Dataset."""
+    return (root / "dataset_dict.json").is_file() or (
+        (root / "state.json").is_file() and (root / "dataset_info.json").is_file())
+
+
+def _saved_listing(root: Path, log: Callable[[str], None]) -> _Listing:
+    """`datasets.load_from_disk(root)`, then the hub path. A single saved Dataset is the train split.
+    The fingerprint comes from the folder's files (names, sizes, mtimes), like an imagefolder's."""
+    import datasets
+    try:
+        loaded = datasets.load_from_disk(str(root))
+    except Exception as e:  # noqa: BLE001 - a broken folder becomes one actionable line
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"cannot read {root} with datasets.load_from_disk ({type(e).__name__}: {first}); "
+                        "re-create it with save_to_disk") from None
+    dd = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    where = f"saved dataset {root}"
+    splits = _known_splits(dd, where, log)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    key = {"kind": "saved", "files": [_stat_key(p, root) for p in files]}
+    return _Listing(key, _datasets_build(splits, where, log))
+
+
+def _known_splits(dd: Any, where: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """The train/validation/test splits of a DatasetDict under their canonical names."""
     splits = {}
     for name, ds in dd.items():
         split = _split_name(name)
         if split is None or split in splits:
-            log(f"data: ignoring split '{name}' of {source}")
+            log(f"data: ignoring split '{name}' of {where}")
             continue
         splits[split] = ds
     if "train" not in splits:
-        raise DataError(f"dataset '{source}' has no train split (found {', '.join(dd)}); "
+        raise DataError(f"{where} has no train split (found {', '.join(dd)}); "
                         "pass a dataset with a train split")
-    key = {"kind": "hub", "source": source, "splits": {k: ds._fingerprint for k, ds in sorted(splits.items())}}
+    return splits
+
+
+def _datasets_build(splits: dict[str, Any], where: str, log: Callable[[str], None]):
+    """The deferred decode list of `datasets` splits: image bytes/paths without decoding, label ids."""
+    import datasets
 
     def build() -> tuple[list[str], dict[str, tuple[list[_Item], list[int]]]]:
-        where = f"dataset '{source}'"
         columns = {}
         for split, ds in splits.items():
             image_col, label_col = _columns(ds.features, ds.column_names, where)
@@ -400,7 +437,7 @@ def _hub_listing(source: str, log: Callable[[str], None]) -> _Listing:
         label_feature = train.features[_columns(train.features, train.column_names, where)[1]]
         return _with_label_ids(columns, label_feature, where, log)
 
-    return _Listing(key, build)
+    return build
 
 
 def _hub_error(source: str, e: Exception) -> DataError:

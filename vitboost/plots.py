@@ -35,18 +35,27 @@ def plot_run(run: Path) -> list[Path]:
     labels = json.loads((run / "hf_config" / "config.json").read_text()).get("id2label", {})
     names = [labels[k] for k in sorted(labels, key=int)] if labels else None
     for split, m in summary.get("eval", {}).items():
-        cm = m["confusion_matrix"]
-        fig, ax = plt.subplots(figsize=(4 + 0.4 * len(cm), 3.5 + 0.4 * len(cm)))
-        ax.imshow(cm, cmap="Blues")
-        for i, row in enumerate(cm):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center")
-        ticks = range(len(cm))
-        ax.set_xticks(ticks, names or ticks, rotation=30, ha="right")
-        ax.set_yticks(ticks, names or ticks)
-        ax.set(xlabel="predicted", ylabel="true", title=f"{split}: accuracy {m['accuracy']:.4f}")
-        fig.tight_layout()
+        fig = confusion_figure(m["confusion_matrix"], names, f"{split}: accuracy {m['accuracy']:.4f}")
         written.append(run / f"confusion_{split}.png")
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def confusion_figure(cm: list[list[int]], names: list[str] | None, title: str):
+    """A matplotlib figure of a confusion matrix (rows: true, columns: predicted), counts written in."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4 + 0.4 * len(cm), 3.5 + 0.4 * len(cm)))
+    ax.imshow(cm, cmap="Blues")
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center")
+    ticks = range(len(cm))
+    ax.set_xticks(ticks, names or ticks, rotation=30, ha="right")
+    ax.set_yticks(ticks, names or ticks)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    return fig

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora
 from .data import decode_image, load_image_dataset, normalize
 from .evaluate import evaluate
 from .model import ModelError, Preprocess, export_pretrained, read_preprocess
@@ -66,8 +67,9 @@ def evaluate_folder(folder: str, dataset: str, split: str = "all", *, batch_size
             for s in names}
 
 
-def export_checkpoint(checkpoint: Path, out: Path) -> Path:
-    """A run folder (latest checkpoint) or a step_* folder -> HF folder with safetensors."""
+def export_checkpoint(checkpoint: Path, out: Path, adapter: Path | None = None) -> Path:
+    """A run folder (latest checkpoint) or a step_* folder -> HF folder with safetensors.
+    A LoRA run is merged into plain weights; ``adapter`` also gets the adapter alone."""
     from transformers import ViTConfig, ViTForImageClassification
 
     from .checkpoint import is_complete, latest_checkpoint, load_model_weights
@@ -83,7 +85,12 @@ def export_checkpoint(checkpoint: Path, out: Path) -> Path:
         raise ModelError(f"{run} has no hf_config/config.json (written at the start of every run); "
                          f"is {checkpoint} a vitboost run?")
     model = ViTForImageClassification(ViTConfig.from_pretrained(hf))
+    peft_model = lora.load_for_export(model, hf)
+    if adapter is not None and peft_model is None:
+        raise ModelError(f"{run} is not a LoRA run (no hf_config/adapter_config.json); export it without --adapter")
     load_model_weights(step, model, ema=_run_uses_ema(run))
+    if peft_model is not None:
+        model = lora.export_lora(peft_model, adapter)
     export_pretrained(model, read_preprocess(hf, model.config.image_size), out)
     return out
 
@@ -100,6 +107,7 @@ def save_run_config(model, pre: Preprocess, run: Path) -> None:
     export_dir = run / "hf_config"
     export_dir.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(export_dir)
+    lora.save_config(model, export_dir)
     import json
     (export_dir / "preprocessor_config.json").write_text(json.dumps(pre.to_hf(), indent=2))
 

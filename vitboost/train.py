@@ -27,9 +27,11 @@ from .config import ConfigError, TrainConfig
 from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
 from .engine import Engine, cosine_schedule
 from .evaluate import evaluate
+from .lora import apply_lora, check_resume as check_lora_resume
 from .model import Preprocess, build_model
 from .predict import export_checkpoint, save_run_config
 from .regularize import apply_drop_path
+from .report import make_sinks
 from .parallel.dims import ParallelDims, init_distributed, world_info
 from .parallel.plan import make_plan, model_dims, plan_step
 
@@ -74,15 +76,27 @@ def claim_output(cfg: TrainConfig, out: Path) -> None:
 
 
 class Logger:
-    """metrics.jsonl (one JSON object per line) written by rank 0 only."""
+    """metrics.jsonl (one JSON object per line) and the --report_to sinks, written by rank 0 only."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, sinks: list | None = None):
         self.f = open(path, "a") if path else None
+        self.sinks = sinks or []
 
     def __call__(self, **row) -> None:
         if self.f:
             self.f.write(json.dumps(row) + "\n")
             self.f.flush()
+        for sink in self.sinks:
+            sink.log(row)
+
+    def evaluation(self, split: str, step: int, metrics: dict, final: bool = False) -> None:
+        """What only the sinks take: confusion matrices, and the final evaluation."""
+        for sink in self.sinks:
+            sink.evaluation(split, step, metrics, final)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -119,6 +133,8 @@ def train(cfg: TrainConfig) -> dict:
     if size != pre.image_size:
         raise ConfigError(f"model {cfg.model} expects {pre.image_size}px inputs, not {size}px; "
                           f"use a model whose image_size is {size} or a local folder")
+    model = apply_lora(model, cfg, say)
+    check_lora_resume(cfg, out, model)
     _check_layout(cfg, model, dims)
     apply_drop_path(model, cfg.drop_path)
     if is_main:
@@ -175,7 +191,8 @@ def train(cfg: TrainConfig) -> dict:
         say(f"--resume auto: no checkpoint in {ckpt_root}; starting fresh")
     if is_main:
         cfg.save(out / RUN_MARKER)
-    log = Logger(out / "metrics.jsonl" if is_main else None)
+    log = Logger(out / "metrics.jsonl" if is_main else None, make_sinks(
+        cfg.report_to, out, data.label_names, step if resume_from else None, say) if is_main else None)
 
     # keep the cached uint8 training images on the GPU when they fit in a small slice of it
     if (isinstance(train_split, ImageSplit) and device.type == "cuda"
@@ -236,6 +253,7 @@ def train(cfg: TrainConfig) -> dict:
                 m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
                 history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(**history[-1])
+                log.evaluation("validation", step, m)
                 if is_main:
                     bar.write(f"epoch {epoch}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
             if epoch % cfg.save_epochs == 0 or epoch == cfg.epochs or step >= total_steps:
@@ -250,6 +268,8 @@ def train(cfg: TrainConfig) -> dict:
         if split in data.splits:
             results[split] = _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
             say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
+            log.evaluation(split, step, results[split], final=True)
+    log.close()
     lap("final_eval")
     finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before export reads it
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
@@ -259,8 +279,8 @@ def train(cfg: TrainConfig) -> dict:
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     if cfg.export and is_main:  # rank 0 rebuilds a plain HF model from the last checkpoint: any layout
-        export_checkpoint(out, out / "model")
-        say(f"model exported to {out / 'model'}")
+        export_checkpoint(out, out / "model", out / "adapter" if cfg.lora_rank else None)
+        say(f"model exported to {out / 'model'}" + (f", LoRA adapter to {out / 'adapter'}" if cfg.lora_rank else ""))
     lap("export")
     summary["timings_s"] = timings
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
