@@ -158,14 +158,18 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .model import ModelError
     from .parallel.dims import LayoutError
+    from .storage import WriteError, describe_os_error
     handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
     try:
         if args.command == "bench":
             from .bench import run_bench
             return run_bench(args)
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, LayoutError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelError, LayoutError, WriteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be created or written (ENOSPC, EROFS, EACCES, ENOTDIR ...)
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
 
 

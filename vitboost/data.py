@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .storage import io_failure
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
@@ -167,7 +169,15 @@ def load_image_dataset(source: str | Path, image_size: int, cache_dir: str | Pat
                             "check the files")
     dataset = ImageDataset(splits, label_names, fingerprint, [name for name, _ in bad])
     if cache_path is not None:
-        _write_cache(cache_path, dataset, bad)
+        try:
+            _write_cache(cache_path, dataset, bad)
+        except Exception as e:  # noqa: BLE001 - a storage failure costs the cache, not the run
+            reason = io_failure(e, cache_path)
+            if reason is None:
+                raise
+            log(f"data: cannot write the cache {cache_path} ({reason}); going on without it "
+                f"(pass a writable --cache_dir to decode only once)")
+            cache_path = None
     what = f"built cache {cache_path} from" if cache_path is not None else "decoded (no cache)"
     log(f"data: {what} {source} ({_summary(dataset)}) at {image_size}px in {time.perf_counter() - t0:.1f}s")
     _log_skipped(bad, log)

@@ -31,6 +31,7 @@ from .model import Preprocess, build_model
 from .predict import export_checkpoint, save_run_config
 from .parallel.dims import ParallelDims, init_distributed, world_info
 from .parallel.plan import make_plan, model_dims
+from .storage import uncreatable
 
 RUN_MARKER = "config.yaml"
 
@@ -51,6 +52,9 @@ def check_output(cfg: TrainConfig, is_main: bool) -> Path:
     if is_main:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--output {out} is a file; pass a folder")
+        why = uncreatable(out)
+        if why:
+            raise ConfigError(f"--output {out} cannot be created: {why}; pass a folder you can write to")
         holds_run = (out / RUN_MARKER).exists()
         if holds_run and cfg.resume is None and not cfg.overwrite:
             raise ConfigError(f"--output {out} already holds a run; pass --resume auto to continue it, "
