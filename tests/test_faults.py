@@ -136,3 +136,96 @@ def test_a_full_disk_while_caching_the_data_costs_the_cache_not_the_run(tiny_bea
     out = capsys.readouterr().out
     assert f"cannot write the cache {cache}" in out and "No space left on device" in out
     assert list(cache.iterdir()) == []  # no half-written cache file
+
+
+# ---------------------------------------------------------------------------- 6. every image mode
+
+GRADIENT16 = np.linspace(0, 65535, 32 * 32).round().astype(np.uint16).reshape(32, 32)
+
+
+def _gray(values8: np.ndarray) -> np.ndarray:
+    return np.repeat(values8[..., None], 3, axis=-1)
+
+
+def _saved(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _pgm(values: np.ndarray, maxval: int) -> bytes:
+    return f"P5\n{values.shape[1]} {values.shape[0]}\n{maxval}\n".encode() + values.astype(">u2").tobytes()
+
+
+def _expected16(v: np.ndarray, top: int = 65535) -> np.ndarray:
+    return _gray(np.rint(v.astype(np.float64) * 255 / top).astype(np.uint8))
+
+
+_rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+_alpha = np.tile(np.linspace(0, 255, 32).astype(np.uint8), (32, 1))
+_l = _rgb[..., 0]
+
+MODES = {  # file bytes, the RGB they must decode to, tolerance (rounding of PIL's own conversions)
+    "16-bit gray PNG": (_saved(Image.fromarray(GRADIENT16), "PNG"), _expected16(GRADIENT16), 0),
+    "16-bit gray TIFF": (_saved(Image.fromarray(GRADIENT16), "TIFF"), _expected16(GRADIENT16), 0),
+    "16-bit PGM": (_pgm(GRADIENT16, 65535), _expected16(GRADIENT16), 0),
+    "12-bit PGM": (_pgm(GRADIENT16 >> 4, 4095), _expected16(GRADIENT16 >> 4, 4095), 1),
+    "32-bit integer TIFF": (_saved(Image.fromarray(GRADIENT16.astype(np.int32)), "TIFF"), _expected16(GRADIENT16), 0),
+    "16-bit gray PNG, transparent key": (
+        _saved(Image.fromarray(GRADIENT16), "PNG", transparency=int(GRADIENT16[0, 5])),
+        np.where((GRADIENT16 == GRADIENT16[0, 5])[..., None], 255, _expected16(GRADIENT16)), 0),
+    "16-bit RGB PNG": (None, _rgb, 0),  # written below: PIL cannot write it
+    "1-bit PNG": (_saved(Image.fromarray(_l > 127), "PNG"), _gray(np.where(_l > 127, 255, 0).astype(np.uint8)), 0),
+    "palette PNG": (_saved(Image.fromarray(_rgb).quantize(16), "PNG"),
+                    np.asarray(Image.fromarray(_rgb).quantize(16).convert("RGB")), 0),
+    "gray + alpha PNG": (_saved(Image.merge("LA", (Image.fromarray(_l), Image.fromarray(_alpha))), "PNG"),
+                         _gray(np.rint(_l * (_alpha / 255) + 255 * (1 - _alpha / 255)).astype(np.uint8)), 1),
+    "LAB TIFF": (None, None, 0),  # written below with a colour transform
+}
+
+
+def _lab() -> tuple[bytes, np.ndarray]:
+    """A CIELAB TIFF and the sRGB that a colour-managed conversion gives for it."""
+    from PIL import ImageCms
+    srgb, lab = ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB")
+    image = ImageCms.applyTransform(Image.fromarray(_rgb), ImageCms.buildTransform(srgb, lab, "RGB", "LAB"))
+    back = ImageCms.applyTransform(image, ImageCms.buildTransform(lab, srgb, "LAB", "RGB"))
+    return _saved(image, "TIFF"), np.asarray(back)
+
+
+def _png_rgb16(rgb8: np.ndarray) -> bytes:
+    import struct
+    import zlib
+    v = rgb8.astype(np.uint16) * 257
+    raw = b"".join(b"\0" + row.astype(">u2").tobytes() for row in v)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", v.shape[1], v.shape[0], 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_image_mode_decodes_to_the_right_rgb(mode, tmp_path):
+    from vitboost.data import decode_image
+    data, expected, tolerance = MODES[mode]
+    if mode == "16-bit RGB PNG":
+        data = _png_rgb16(_rgb)
+    elif mode == "LAB TIFF":
+        data, expected = _lab()
+    f = tmp_path / "image"
+    f.write_bytes(data)
+    got = decode_image(f, 32).permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(got - expected.astype(int)).max() <= tolerance, Image.open(f).mode
+
+
+@pytest.mark.parametrize("pixels", ["float", "32-bit beyond 16"])
+def test_images_without_a_standard_range_fail_in_one_line_naming_the_file(pixels, tmp_path):
+    from vitboost.data import DataError, load_image_dataset
+    from tests.conftest import make_imagefolder
+    data = make_imagefolder(tmp_path / "data", {"train": 1})
+    values = GRADIENT16.astype(np.float32) / 65535 if pixels == "float" else GRADIENT16.astype(np.int32) * 100
+    Image.fromarray(values).save(data / "train" / "healthy" / "odd.tif")
+    with pytest.raises(DataError) as e:
+        load_image_dataset(data, 32, None, log=lambda *_: None)
+    assert "odd.tif" in str(e.value) and "no standard range" in str(e.value) and "\n" not in str(e.value)
