@@ -229,3 +229,23 @@ def test_images_without_a_standard_range_fail_in_one_line_naming_the_file(pixels
     with pytest.raises(DataError) as e:
         load_image_dataset(data, 32, None, log=lambda *_: None)
     assert "odd.tif" in str(e.value) and "no standard range" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- 7 and 10. impossible values
+
+@pytest.mark.parametrize("extra, phrase", [
+    (["--image_size", "30"], "--image_size 30 is not a multiple of --patch_size 8; use 24 or 32"),
+    (["--image_size", "32", "--patch_size", "5"], "not a multiple of --patch_size 5"),
+    (["--patch_size", "64"], "--patch_size 64 is larger than the image (32px)"),
+    (["--image_size", "0"], "--image_size must be >= 1"),
+    (["--image_size", "-32"], "--image_size must be >= 1"),
+    (["--patch_size", "0"], "--patch_size must be >= 1"),
+    (["--max_steps", "-1"], "--max_steps must be >= 0"),
+    (["--save_every", "-2"], "--save_every must be >= 0"),
+    (["--save_epochs", "0"], "--save_epochs must be >= 1"),
+    (["--keep_checkpoints", "-1"], "--keep_checkpoints must be >= 0"),
+    (["--eval_every", "-1"], "--eval_every must be >= 0"),
+])
+def test_impossible_sizes_and_counts_are_refused(capsys, tiny_beans, tmp_path, extra, phrase):
+    fails_with(capsys, train_args(tiny_beans, tmp_path / "run", *extra), phrase)
+    assert not (tmp_path / "run").exists()

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
 from .checkpoint import close as close_checkpoints
 from .checkpoint import finish_pending, latest_checkpoint, load_checkpoint, publish_finished, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, check_patch_grid
 from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
 from .engine import Engine, cosine_schedule
 from .evaluate import evaluate
@@ -304,7 +304,9 @@ def _load_data(cfg: TrainConfig, size: int, is_main: bool, say) -> ImageDataset:
 def _model_image_size(cfg: TrainConfig) -> int:
     from .model import NAMED_CONFIGS, read_preprocess
     if cfg.model in NAMED_CONFIGS:
-        return cfg.image_size or NAMED_CONFIGS[cfg.model][5]
+        size = cfg.image_size or NAMED_CONFIGS[cfg.model][5]
+        check_patch_grid(size, cfg.patch_size or NAMED_CONFIGS[cfg.model][4])
+        return size
     folder = Path(cfg.model).expanduser()
     if (folder / "config.json").is_file():
         size = json.loads((folder / "config.json").read_text()).get("image_size", 224)
