@@ -249,3 +249,16 @@ def test_images_without_a_standard_range_fail_in_one_line_naming_the_file(pixels
 def test_impossible_sizes_and_counts_are_refused(capsys, tiny_beans, tmp_path, extra, phrase):
     fails_with(capsys, train_args(tiny_beans, tmp_path / "run", *extra), phrase)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("pretrained", ["none", "auto"])
+def test_a_model_folder_with_custom_code_is_refused_without_prompting(pretrained, capsys, tiny_beans, tmp_path):
+    folder, marker = tmp_path / "model", tmp_path / "pwned"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "evil_vit", "image_size": 32,
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}))
+    (folder / "configuration_evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    fails_with(capsys, train_args(tiny_beans, tmp_path / "run", "--model", str(folder), "--pretrained", pretrained),
+               str(folder), "custom code", "never runs")
+    assert not marker.exists()

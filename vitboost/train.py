@@ -302,13 +302,14 @@ def _load_data(cfg: TrainConfig, size: int, is_main: bool, say) -> ImageDataset:
 
 
 def _model_image_size(cfg: TrainConfig) -> int:
-    from .model import NAMED_CONFIGS, read_preprocess
+    from .model import NAMED_CONFIGS, read_preprocess, refuse_custom_code
     if cfg.model in NAMED_CONFIGS:
         size = cfg.image_size or NAMED_CONFIGS[cfg.model][5]
         check_patch_grid(size, cfg.patch_size or NAMED_CONFIGS[cfg.model][4])
         return size
     folder = Path(cfg.model).expanduser()
     if (folder / "config.json").is_file():
+        refuse_custom_code(folder)  # before the data is decoded
         size = json.loads((folder / "config.json").read_text()).get("image_size", 224)
         return read_preprocess(folder, size).image_size
     return 224  # hub ids: every google/vit-*-224 model; build_model checks the real value
