@@ -76,6 +76,53 @@ def one_line(capsys) -> str:
     return err
 
 
+# ---------------------------------------------------------------------------- 1. damaged checkpoints
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+DAMAGE = {  # what is done to the newest checkpoint, what the skip line says, whether export reads it
+    "shard missing": (lambda c: (c / "__0_0.distcp").unlink(), "shard __0_0.distcp is missing", True),
+    "shard truncated": (lambda c: _truncate(c / "__0_0.distcp"), "shard __0_0.distcp is truncated", True),
+    "metadata empty": (lambda c: (c / ".metadata").write_bytes(b""), ".metadata is empty", True),
+    "metadata truncated": (lambda c: _truncate(c / ".metadata"), ".metadata is truncated", True),
+    "trainer.pt truncated": (lambda c: _truncate(c / "trainer.pt"), "trainer.pt is truncated", False),
+    "rng file missing": (lambda c: (c / "rng_0.pt").unlink(), "rng_0.pt is missing", False),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_reason_and_named_in_one_line(
+        damage, reference, tiny_beans, tmp_path, capsys):
+    do, says, export_reads_it = DAMAGE[damage]
+    run = copy_run(reference, tmp_path)
+    newest = run / "checkpoints" / STEP(6)
+    do(newest)
+    # an explicit folder: one line that names it and why
+    err = fails_with(capsys, train_args(tiny_beans, run, *KEEP_ALL, "--resume", str(newest)), str(newest), says)
+    assert "--resume auto" in err
+    # export of that folder: one line too (where export reads the damaged part); of the run: the newest that loads
+    if export_reads_it:
+        fails_with(capsys, ["export", "--checkpoint", str(newest), "--output", str(tmp_path / "hf")], says)
+        assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "hf")]) == 0
+        assert f"skipping {newest}: " in capsys.readouterr().out
+    # --resume auto: falls back to step 4, says so, and ends exactly where the unbroken run ended
+    assert main(train_args(tiny_beans, run, *KEEP_ALL, "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert f"skipping {newest}: " in out and says in out, out
+    assert f"resumed from {run / 'checkpoints' / STEP(4)} at step 4" in out
+    assert_same_weights(reference, run)
+
+
+def test_resume_auto_when_no_checkpoint_loads_ends_in_one_line(reference, tiny_beans, tmp_path, capsys):
+    run = copy_run(reference, tmp_path)
+    for c in (run / "checkpoints").iterdir():
+        (c / ".metadata").write_bytes(b"")
+    fails_with(capsys, train_args(tiny_beans, run, *KEEP_ALL, "--resume", "auto"), "no checkpoint in",
+               "can be loaded", "--overwrite")
+
+
 # ---------------------------------------------------------------------------- 2. paths that cannot be created
 
 def test_output_under_a_file_is_refused_before_any_work(capsys, tiny_beans, tmp_path):
@@ -121,6 +168,64 @@ def test_a_cache_dir_that_cannot_be_created_costs_the_cache_not_the_run(capsys, 
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
+# ---------------------------------------------------------------------------- 3. a full disk
+
+def _disk_full_in_dcp(monkeypatch, from_step: int, how: str) -> None:
+    """DCP's file writer hits a full disk from checkpoint ``from_step`` on, after writing part of a shard."""
+    from torch.distributed.checkpoint.filesystem import _FileSystemWriter
+    write_data = _FileSystemWriter.write_data
+
+    def full(self, plan, planner):
+        if int(Path(self.path).name.rsplit("_", 1)[1]) < from_step:
+            return write_data(self, plan, planner)
+        (Path(self.path) / "__0_0.distcp").write_bytes(b"\0" * 1000)  # half-written
+        if how == "oserror":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(_FileSystemWriter, "write_data", full)
+    disk_usage = shutil.disk_usage
+    if how == "zip writer":  # what torch.save says on a real full disk: no errno, and no space left
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: disk_usage(p)._replace(free=0))
+
+
+@pytest.mark.parametrize("writes, how", [("--async_checkpoint", "oserror"), ("--no-async_checkpoint", "zip writer")])
+def test_a_full_disk_during_a_checkpoint_names_the_last_good_one_and_leaves_no_half_written_folder(
+        writes, how, reference, tiny_beans, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    _disk_full_in_dcp(monkeypatch, from_step=4, how=how)
+    err = fails_with(capsys, train_args(tiny_beans, run, "--save_every", "2", "--keep_checkpoints", "0", writes),
+                     f"cannot write checkpoint {run / 'checkpoints' / STEP(4)}", "No space left on device",
+                     f"the last good checkpoint is {run / 'checkpoints' / STEP(3)}", "--resume auto")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [STEP(2), STEP(3)], err  # 3: epoch end
+    assert [r["step"] for r in rows(run) if "loss" in r][:4] == [1, 2, 3, 4]  # the metrics stay
+    monkeypatch.undo()
+    assert main(train_args(tiny_beans, run, *KEEP_ALL, "--resume", "auto")) == 0  # nothing lost
+    assert_same_weights(reference, run)
+
+
+def test_a_full_disk_during_the_final_export_keeps_the_summary_and_says_how_to_export_later(
+        tiny_beans, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+    run = tmp_path / "run"
+
+    def full(self, folder, **kw):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"\0" * 100)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    err = fails_with(capsys, train_args(tiny_beans, run), f"cannot write the exported model to {run / 'model'}",
+                     "No space left on device", "vitboost export --checkpoint")
+    assert not (run / "model").exists() and not (run / "model.tmp").exists()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval"]["test"]["num_samples"] == 6 and rows(run)
+    monkeypatch.undo()
+    command = err.split("`")[1].split()  # the command the line suggests works once there is space
+    assert main(command[1:]) == 0 and (run / "model" / "model.safetensors").is_file()
+
+
 def test_a_full_disk_while_caching_the_data_costs_the_cache_not_the_run(tiny_beans, tmp_path, capsys, monkeypatch):
     cache = tmp_path / "cache"
     save = torch.save
@@ -136,6 +241,76 @@ def test_a_full_disk_while_caching_the_data_costs_the_cache_not_the_run(tiny_bea
     out = capsys.readouterr().out
     assert f"cannot write the cache {cache}" in out and "No space left on device" in out
     assert list(cache.iterdir()) == []  # no half-written cache file
+
+
+# ---------------------------------------------------------------------------- 4. save a step once, replace safely
+
+def test_an_epoch_end_that_is_also_a_save_every_step_is_saved_once(tiny_beans, tmp_path, monkeypatch):
+    import vitboost.train
+    saved: list[int] = []
+    save = vitboost.train.save_checkpoint
+
+    def record(root, step, *a, **kw):
+        saved.append(step)
+        return save(root, step, *a, **kw)
+
+    monkeypatch.setattr(vitboost.train, "save_checkpoint", record)
+    assert main(train_args(tiny_beans, tmp_path / "run", "--save_every", "3", "--keep_checkpoints", "1")) == 0
+    assert saved == [3, 6]  # steps 3 and 6 end epochs 1 and 2
+
+
+def _checkpoint(folder: Path, content: str) -> Path:
+    folder.mkdir(parents=True)
+    for name in (".metadata", "trainer.pt"):
+        (folder / name).write_text(content)
+    return folder
+
+
+def test_a_finished_checkpoint_is_never_deleted_before_its_replacement_is_in_place(tmp_path, monkeypatch):
+    from vitboost.checkpoint import _publish
+    root = tmp_path / "checkpoints"
+    final = _checkpoint(root / STEP(5), "old")
+    tmp = _checkpoint(root / f".tmp_{STEP(5)}", "new")
+    rename = Path.rename
+
+    def crash(self, target):  # the replacement cannot be moved into place
+        if self == tmp:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash)
+    with pytest.raises(OSError):
+        _publish(tmp, final, keep=1)
+    assert (final / ".metadata").read_text() == "old"  # the good one is still there, under its name
+    monkeypatch.undo()
+    _publish(tmp, final, keep=1)
+    assert (final / ".metadata").read_text() == "new" and sorted(os.listdir(root)) == [STEP(5)]
+
+
+# ---------------------------------------------------------------------------- 5 and 10. leftovers, one row per step
+
+def test_resume_from_an_older_checkpoint_keeps_one_metrics_row_per_step_and_clears_killed_writes(
+        reference, tiny_beans, tmp_path, capsys):
+    run = copy_run(reference, tmp_path)
+    killed = run / "checkpoints" / f".tmp_{STEP(5)}"  # what a kill during a write leaves
+    killed.mkdir()
+    (killed / "__0_0.distcp").write_bytes(b"\0" * (1 << 20))
+    assert main(train_args(tiny_beans, run, *KEEP_ALL, "--resume", str(run / "checkpoints" / STEP(4)))) == 0
+    assert not killed.exists()
+    assert rows(run) == rows(reference)  # steps 5 and 6 and the epoch-2 eval were logged again, once
+    assert json.loads((run / "summary.json").read_text())["history"] == \
+        json.loads((reference / "summary.json").read_text())["history"]
+    assert_same_weights(reference, run)
+
+
+def test_pruning_removes_leftovers_of_killed_writes(tmp_path):
+    from vitboost.checkpoint import _publish
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        _checkpoint(root / STEP(step), "x")
+    _checkpoint(root / f".tmp_{STEP(9)}", "killed")
+    _publish(_checkpoint(root / f".tmp_{STEP(3)}", "x"), root / STEP(3), keep=2)
+    assert sorted(os.listdir(root)) == [STEP(2), STEP(3)]
 
 
 # ---------------------------------------------------------------------------- 6. every image mode
@@ -249,6 +424,56 @@ def test_images_without_a_standard_range_fail_in_one_line_naming_the_file(pixels
 def test_impossible_sizes_and_counts_are_refused(capsys, tiny_beans, tmp_path, extra, phrase):
     fails_with(capsys, train_args(tiny_beans, tmp_path / "run", *extra), phrase)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------- 8. untrusted files run no code
+
+class _Payload:
+    """A pickle that runs a shell command when loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(where: str, checkpoint: Path, marker: Path) -> None:
+    """Replace part of a real checkpoint with code that would run on a plain pickle.load."""
+    if where == ".metadata":
+        (checkpoint / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    elif where == "trainer.pt":
+        torch.save({"step": _Payload(marker)}, checkpoint / "trainer.pt")
+    else:  # a value of the shards (DCP reads those with torch.load(weights_only=False))
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        from vitboost.checkpoint import _read_metadata
+        md = _read_metadata(checkpoint)
+        state = {k: torch.zeros(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata)
+                 else _Payload(marker) for k, m in md.state_dict_metadata.items()}
+        for f in checkpoint.glob("*.distcp"):
+            f.unlink()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single process, overwriting
+            dcp.save(state, checkpoint_id=checkpoint, no_dist=True)
+
+
+@pytest.mark.parametrize("where", [".metadata", "shard value", "trainer.pt"])
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(where, reference, tiny_beans, tmp_path, capsys):
+    run, marker = copy_run(reference, tmp_path), tmp_path / "pwned"
+    newest = run / "checkpoints" / STEP(6)
+    _plant(where, newest, marker)
+    pickle.loads(pickle.dumps(_Payload(marker)))  # the payload is live: a plain load runs it
+    assert marker.exists()
+    marker.unlink()
+    capsys.readouterr()
+    fails_with(capsys, train_args(tiny_beans, run, *KEEP_ALL, "--resume", str(newest)), str(newest), "refused",
+               "never runs code")
+    if where == ".metadata":  # export reads only that and the model's tensors
+        fails_with(capsys, ["export", "--checkpoint", str(newest), "--output", str(tmp_path / "hf")], "refused")
+    assert main(train_args(tiny_beans, run, *KEEP_ALL, "--resume", "auto")) == 0
+    assert f"skipping {newest}: " in capsys.readouterr().out
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("pretrained", ["none", "auto"])

@@ -155,6 +155,7 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .model import ModelError
     from .parallel.dims import LayoutError
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import run_bench
             return run_bench(args)
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, LayoutError, WriteError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelError, LayoutError, CheckpointError, WriteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path that cannot be created or written (ENOSPC, EROFS, EACCES, ENOTDIR ...)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
 from .checkpoint import close as close_checkpoints
-from .checkpoint import finish_pending, latest_checkpoint, load_checkpoint, publish_finished, save_checkpoint
+from .checkpoint import finish_pending, publish_finished, resume_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, check_patch_grid
 from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
 from .engine import Engine, cosine_schedule
@@ -31,7 +31,8 @@ from .model import Preprocess, build_model
 from .predict import export_checkpoint, save_run_config
 from .parallel.dims import ParallelDims, init_distributed, world_info
 from .parallel.plan import make_plan, model_dims
-from .storage import uncreatable
+from .storage import WriteError, uncreatable
+from .trainstate import TrainState, trim_metrics
 
 RUN_MARKER = "config.yaml"
 
@@ -139,31 +140,21 @@ def train(cfg: TrainConfig) -> dict:
     augment = GpuAugment(aug_cfg, len(data.label_names), pre.mean, pre.std, seed=cfg.seed + 1000 * dp_rank,
                          device=device)
 
-    # resume
+    # resume: the newest checkpoint that loads (--resume auto) or the one named
     ckpt_root = out / "checkpoints"
-    step, epoch, batch_in_epoch = 0, 0, 0
-    saved_step = -1  # the step of the newest checkpoint written or resumed from
-    resume_from = None
-    if cfg.resume:
-        resume_from = latest_checkpoint(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume != "auto" and not (resume_from / ".metadata").is_file():
-            raise ConfigError(f"--resume {cfg.resume} is not a checkpoint folder (no .metadata); "
-                              f"pass one of {ckpt_root}/step_* or --resume auto")
-    if resume_from is not None:
-        ts, rng = load_checkpoint(resume_from, engine)
-        step, epoch, batch_in_epoch = ts["step"], ts["epoch"], ts["batch_in_epoch"]
-        saved_step = step
-        scheduler.load_state_dict(ts["scheduler"])
-        if engine.scaler is not None and ts.get("scaler"):
-            engine.scaler.load_state_dict(ts["scaler"])
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            if device.type == "cuda" and rng.get("cuda") is not None:
-                torch.cuda.set_rng_state(rng["cuda"], device)
-            augment.load_state_dict(rng["augment"])
-        say(f"resumed from {resume_from} at step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
+    state = TrainState(scheduler, augment, device, engine.scaler)
+    history: list[dict] = []
+    found = resume_checkpoint(cfg.resume, ckpt_root, engine, say) if cfg.resume else None
+    if found:
+        resume_from, trainer_state, rng = found
+        state.load_state_dict(trainer_state)
+        state.load_rng_state_dict(rng)
+        if is_main:
+            history = trim_metrics(out / "metrics.jsonl", state)  # one row per step: drop rows logged after it
+        say(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})")
     elif cfg.resume == "auto":
         say(f"--resume auto: no checkpoint in {ckpt_root}; starting fresh")
+    step, epoch, batch_in_epoch = state.step, state.epoch, state.batch_in_epoch
     if is_main:
         cfg.save(out / RUN_MARKER)
     log = Logger(out / "metrics.jsonl" if is_main else None)
@@ -174,16 +165,15 @@ def train(cfg: TrainConfig) -> dict:
         train_split = ImageSplit(train_split.images.to(device), train_split.labels)
 
     def checkpoint() -> None:
-        nonlocal saved_step
-        rng = {"torch": torch.get_rng_state(), "augment": augment.state_dict(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        ts = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "scheduler": scheduler.state_dict(),
-              "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
-              "world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
-        save_checkpoint(ckpt_root, step, engine, ts, rng, keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
-        saved_step = step
+        """Save this step, once (an epoch end can also be a --save_every step)."""
+        if state.saved_step == step:
+            return
+        state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
+        layout = {"world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
+        save_checkpoint(ckpt_root, step, engine, {**state.state_dict(), **layout}, state.rng_state_dict(),
+                        keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
+        state.saved_step = step
 
-    history: list[dict] = []
     lap("model_and_resume")
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
     live = is_main and cfg.progress and sys.stdout.isatty()
@@ -233,8 +223,7 @@ def train(cfg: TrainConfig) -> dict:
             if epoch % cfg.save_epochs == 0 or epoch == cfg.epochs or step >= total_steps:
                 checkpoint()
     bar.close()
-    if saved_step != step:
-        checkpoint()  # stopped by --max_steps or between --save_epochs: keep the last state
+    checkpoint()  # stopped by --max_steps or between --save_epochs: keep the last state
     lap("train")
 
     results = {}
@@ -250,9 +239,13 @@ def train(cfg: TrainConfig) -> dict:
                "skipped_images": data.skipped}
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    export_error = None
     if cfg.export and is_main:  # rank 0 rebuilds a plain HF model from the last checkpoint: any layout
-        export_checkpoint(out, out / "model")
-        say(f"model exported to {out / 'model'}")
+        try:
+            export_checkpoint(out, out / "model")
+            say(f"model exported to {out / 'model'}")
+        except WriteError as e:  # e.g. a full disk: the summary below still keeps the results
+            export_error = e
     lap("export")
     summary["timings_s"] = timings
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -262,6 +255,8 @@ def train(cfg: TrainConfig) -> dict:
             from .plots import plot_run
             plot_run(out)
     _barrier()
+    if export_error is not None:
+        raise export_error
     return summary
 
 
