@@ -487,3 +487,91 @@ def test_a_model_folder_with_custom_code_is_refused_without_prompting(pretrained
     fails_with(capsys, train_args(tiny_beans, tmp_path / "run", "--model", str(folder), "--pretrained", pretrained),
                str(folder), "custom code", "never runs")
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- 9. preemption
+
+def test_a_signal_mid_run_checkpoints_that_step_and_resume_matches_an_unbroken_run(
+        reference, tiny_beans, tmp_path, capsys, monkeypatch):
+    import vitboost.train
+    run = tmp_path / "run"
+    calls, publish = [], vitboost.train.publish_finished
+
+    def signal_at_step_2() -> None:  # the scheduler's signal lands while step 2 runs
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        publish()
+
+    monkeypatch.setattr(vitboost.train, "publish_finished", signal_at_step_2)
+    assert main(train_args(tiny_beans, run, *KEEP_ALL)) == 128 + signal.SIGUSR1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"stopped by SIGUSR1 after step 2; checkpoint {run / 'checkpoints' / STEP(2)} written: "
+                   f"continue with the same command and --resume auto")
+    assert not (run / "summary.json").exists() and (run / "checkpoints" / STEP(2) / ".metadata").is_file()
+    monkeypatch.undo()
+    assert main(train_args(tiny_beans, run, *KEEP_ALL, "--resume", "auto")) == 0
+    assert_same_weights(reference, run)
+    assert rows(run) == rows(reference)
+
+
+def _sigterm_when_training(p: subprocess.Popen, metrics: Path, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert time.time() < end and p.poll() is None, "training never started"
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+
+
+def test_sigterm_to_one_process_checkpoints_and_resume_auto_matches_an_unbroken_run(tiny_beans, tmp_path):
+    flags = ("--epochs", "100", "--eval_every", "0", "--save_epochs", "100")  # ~2 s of training on CPU
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    command = [sys.executable, "-m", "vitboost"]
+    subprocess.run([*command, *train_args(tiny_beans, unbroken, *flags)], env=ENV, cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+    p = subprocess.Popen([*command, *train_args(tiny_beans, broken, *flags)], env=ENV, cwd=REPO, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _sigterm_when_training(p, broken / "metrics.jsonl")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, out + err
+    saved = [c.name for c in (broken / "checkpoints").iterdir()]
+    assert len(saved) == 1 and f"checkpoint {broken / 'checkpoints' / saved[0]} written" in err, err
+    assert 0 < int(saved[0][5:]) < 300, "stopped mid-run"
+    again = subprocess.run([*command, *train_args(tiny_beans, broken, *flags, "--resume", "auto")], env=ENV,
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"resumed from {broken / 'checkpoints' / saved[0]}" in again.stdout, again.stderr
+    assert_same_weights(unbroken, broken)
+    assert rows(unbroken) == rows(broken)
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_matches(tiny_beans, vit4_dir, tmp_path):
+    # ranks agree every --log_every (2) steps: the checkpoint's step is even
+    extra = ["--plugin", "torch_ddp", "--epochs", "30", "--eval_every", "0", "--save_epochs", "100",
+             "--log_every", "2"]
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+
+    def launch(out: Path, *more: str) -> list[str]:
+        return torchrun("--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                        f"localhost:{free_port()}", *train_flags(tiny_beans, vit4_dir, out, *extra, *more))
+
+    ref = subprocess.run(launch(unbroken), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    p = subprocess.Popen(launch(broken), env=ENV, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    _sigterm_when_training(p, broken / "metrics.jsonl")
+    log = p.communicate(timeout=300)[0]
+    saved = [c.name for c in (broken / "checkpoints").iterdir()]
+    assert len(saved) == 1 and "stopped by SIGTERM" in log and "--resume auto" in log, log
+    step = int(saved[0][5:])
+    assert 0 < step < 90 and step % 2 == 0, saved
+    again = subprocess.run(launch(broken, "--resume", "auto"), env=ENV, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and f"resumed from {broken / 'checkpoints' / saved[0]}" in again.stdout, \
+        again.stdout + again.stderr
+    a, b = json.loads((unbroken / "summary.json").read_text()), json.loads((broken / "summary.json").read_text())
+    for split in ("validation", "test"):
+        assert b["eval"][split]["confusion_matrix"] == a["eval"][split]["confusion_matrix"]
+        assert abs(b["eval"][split]["loss"] - a["eval"][split]["loss"]) < 1e-5
+    assert_params_close(load_file(unbroken / "model" / "model.safetensors"),
+                        load_file(broken / "model" / "model.safetensors"))
+    assert [r["step"] for r in rows(broken)] == [r["step"] for r in rows(unbroken)]  # one row per logged step

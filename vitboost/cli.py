@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .model import ModelError
     from .parallel.dims import LayoutError
+    from .preempt import Preempted
     from .storage import WriteError, describe_os_error
     handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
     try:
@@ -172,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path that cannot be created or written (ENOSPC, EROFS, EACCES, ENOTDIR ...)
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
+    except Preempted as e:  # SIGTERM/SIGUSR1: the checkpoint is written; say how to continue
+        if str(e):
+            print(e, file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 if __name__ == "__main__":

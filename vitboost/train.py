@@ -31,6 +31,7 @@ from .model import Preprocess, build_model
 from .predict import export_checkpoint, save_run_config
 from .parallel.dims import ParallelDims, init_distributed, world_info
 from .parallel.plan import make_plan, model_dims
+from .preempt import Preemption, restore_signals
 from .storage import WriteError, uncreatable
 from .trainstate import TrainState, trim_metrics
 
@@ -142,6 +143,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # resume: the newest checkpoint that loads (--resume auto) or the one named
     ckpt_root = out / "checkpoints"
+    preempt = Preemption(every=cfg.log_every)  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit
     state = TrainState(scheduler, augment, device, engine.scaler)
     history: list[dict] = []
     found = resume_checkpoint(cfg.resume, ckpt_root, engine, say) if cfg.resume else None
@@ -180,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
     print_every = max(cfg.log_every, total_steps // 20)
     window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
-    while epoch < cfg.epochs and step < total_steps:
+    while epoch < cfg.epochs and step < total_steps and not preempt.stopped:
         batches = local_batches(train_split, iterate_batches(
             len(train_split), global_batch, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True,
             start=batch_in_epoch), dims.dp, dp_rank)
@@ -212,6 +214,8 @@ def train(cfg: TrainConfig) -> dict:
             publish_finished()  # a background checkpoint write that ended takes its final name
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint()
+            if preempt.should_stop(step):
+                break
         if batch_in_epoch >= steps_per_epoch * cfg.grad_accum:
             epoch, batch_in_epoch = epoch + 1, 0
             if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
@@ -223,7 +227,10 @@ def train(cfg: TrainConfig) -> dict:
             if epoch % cfg.save_epochs == 0 or epoch == cfg.epochs or step >= total_steps:
                 checkpoint()
     bar.close()
-    checkpoint()  # stopped by --max_steps or between --save_epochs: keep the last state
+    checkpoint()  # stopped by --max_steps, between --save_epochs or by a signal: keep the last state
+    if preempt.stopped:
+        finish_pending()
+        raise preempt.exit(step, ckpt_root / f"step_{step:08d}", is_main)
     lap("train")
 
     results = {}
@@ -344,6 +351,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         return train(cfg)
     finally:
+        restore_signals()
         close_checkpoints()
         if dist.is_initialized():
             dist.destroy_process_group()
