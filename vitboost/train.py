@@ -248,8 +248,9 @@ def train(cfg: TrainConfig) -> dict:
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     export_error = None
     if cfg.export and is_main:  # rank 0 rebuilds a plain HF model from the last checkpoint: any layout
-        try:
-            export_checkpoint(out, out / "model")
+        try:  # the checkpoint this run ended with (a resumed run that saved nothing new: the newest that loads)
+            final = ckpt_root / f"step_{step:08d}"
+            export_checkpoint(final if final.is_dir() else out, out / "model")
             say(f"model exported to {out / 'model'}")
         except WriteError as e:  # e.g. a full disk: the summary below still keeps the results
             export_error = e
