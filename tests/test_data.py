@@ -135,7 +135,7 @@ def test_grayscale_cmyk_rgba_palette_converted_to_rgb(tmp_path):
     assert px["pal.gif"] == [0, 200, 0]
     r, g, b = px["cmyk.jpg"]
     assert r > 200 and g < 40 and b < 40  # CMYK (0,255,255,0) is red
-    assert px["gray16.png"] == [255, 255, 255]  # Pillow clips 16-bit to 8-bit like HF does
+    assert px["gray16.png"] == [1, 1, 1]  # 300 of 65535 is 1 of 255: scaled, not clipped (Pillow alone: 255)
 
 
 # ---------------------------------------------------------------------------- cache

@@ -169,18 +169,28 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .model import ModelError
     from .parallel.dims import LayoutError
+    from .preempt import Preempted
+    from .storage import WriteError, describe_os_error
     handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
     try:
         if args.command == "bench":
             from .bench import run_bench
             return run_bench(args)
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelError, LayoutError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ModelError, LayoutError, CheckpointError, WriteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be created or written (ENOSPC, EROFS, EACCES, ENOTDIR ...)
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except Preempted as e:  # SIGTERM/SIGUSR1: the checkpoint is written; say how to continue
+        if str(e):
+            print(e, file=sys.stderr, flush=True)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -122,6 +122,16 @@ class TrainConfig:
             setattr(self, name, str(value).lower())
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("max_steps", "save_every", "eval_every", "keep_checkpoints"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"--{name} must be >= 0 (0: {_ZERO[name]}), got {getattr(self, name)}")
+        if self.save_epochs < 1:
+            raise ConfigError(f"--save_epochs must be >= 1, got {self.save_epochs}")
+        for name in ("image_size", "patch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size and self.patch_size:
+            check_patch_grid(self.image_size, self.patch_size)
         self._validate_lora()
         from .report import check_available, normalize_report_to
         self.report_to = normalize_report_to(self.report_to)
@@ -161,6 +171,19 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+_ZERO = {"max_steps": "no limit", "save_every": "only at epoch ends", "eval_every": "only at the end",
+         "keep_checkpoints": "keep all"}
+
+
+def check_patch_grid(image_size: int, patch_size: int) -> None:
+    """A ViT cuts the image into whole patches: the size must be a multiple of the patch."""
+    if patch_size > image_size:
+        raise ConfigError(f"--patch_size {patch_size} is larger than the image ({image_size}px); "
+                          f"pick a patch size that divides the image size")
+    if image_size % patch_size:
+        lower = image_size // patch_size * patch_size
+        raise ConfigError(f"--image_size {image_size} is not a multiple of --patch_size {patch_size}; "
+                          f"use {lower} or {lower + patch_size}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

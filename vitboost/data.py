@@ -7,7 +7,9 @@ is decoded, so a second run with the same inputs decodes nothing.
 
 Preprocessing follows transformers' PIL ViT image processor: EXIF orientation applied
 (as `datasets.Image` does), converted to RGB with transparency composited on white,
-resized to image_size x image_size with PIL bilinear (or bicubic).
+resized to image_size x image_size with PIL bilinear (or bicubic). Every mode PIL opens
+becomes the right RGB: 16-bit (and 32-bit integer) grayscale is scaled to 8 bits rather
+than clipped; float images, whose range no file states, are refused in one line.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-FORMAT_VERSION = 1
+from .storage import io_failure
+
+FORMAT_VERSION = 2  # 2: high-bit-depth images scaled, not clipped (caches of 1 are rebuilt)
 SPLITS = ("train", "validation", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
                  "valid": "validation", "test": "test", "testing": "test"}
@@ -167,7 +171,15 @@ def load_image_dataset(source: str | Path, image_size: int, cache_dir: str | Pat
                             "check the files")
     dataset = ImageDataset(splits, label_names, fingerprint, [name for name, _ in bad])
     if cache_path is not None:
-        _write_cache(cache_path, dataset, bad)
+        try:
+            _write_cache(cache_path, dataset, bad)
+        except Exception as e:  # noqa: BLE001 - a storage failure costs the cache, not the run
+            reason = io_failure(e, cache_path)
+            if reason is None:
+                raise
+            log(f"data: cannot write the cache {cache_path} ({reason}); going on without it "
+                f"(pass a writable --cache_dir to decode only once)")
+            cache_path = None
     what = f"built cache {cache_path} from" if cache_path is not None else "decoded (no cache)"
     log(f"data: {what} {source} ({_summary(dataset)}) at {image_size}px in {time.perf_counter() - t0:.1f}s")
     _log_skipped(bad, log)
@@ -518,11 +530,32 @@ def _fingerprint(key: Any, image_size: int, resample: str) -> str:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB, compositing any transparency onto white like transformers' convert_to_rgb."""
+    if img.mode == "F":
+        raise ValueError("32-bit float pixels have no standard range; save the image as 8- or 16-bit")
+    if img.mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I: PIL's own convert would clip at 255
+        img = _gray16_to_8bit(img)
+    if img.mode == "La":  # premultiplied alpha: PIL converts it only to LA
+        img = img.convert("LA")
     if img.has_transparency_data:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _gray16_to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale (PNG, TIFF, PGM of any maxval, which PIL scales to 16 bits) -> L, rounded, with
+    its transparent value (PNG tRNS) kept as an alpha channel. 32-bit integer pixels hold 16-bit data
+    in practice; values outside 0..65535 are refused rather than guessed."""
+    a = np.asarray(img)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise ValueError(f"{img.mode} pixels outside 0..65535 have no standard range; save the image as 8- or 16-bit")
+    gray = Image.fromarray(((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8))
+    key = img.info.get("transparency")
+    if isinstance(key, int):
+        alpha = Image.fromarray(np.where(a == key, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (gray, alpha))
+    return gray
 
 
 def _decode_one(item: _Item, size: int, resample: Image.Resampling) -> torch.Tensor:

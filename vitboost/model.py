@@ -99,6 +99,21 @@ def _hub_error(name: str, err: Exception) -> ModelError:
                       f"init with --model {guess} --pretrained none")
 
 
+def refuse_custom_code(folder: Path) -> None:
+    """vitboost never runs code that ships with a model: a folder whose config maps to its own Python
+    classes (auto_map) is refused in one line, before transformers could prompt for trust_remote_code."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read {folder / 'config.json'} ({type(e).__name__}); pass an HF save_pretrained "
+                         f"folder") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{folder / 'config.json'} is not an HF model config; pass an HF save_pretrained folder")
+    if "auto_map" in config:
+        raise ModelError(f"model folder {folder} ships custom code (auto_map in config.json), which vitboost never "
+                         f"runs; pass a plain ViT folder (model_type 'vit') or a named config")
+
+
 def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", image_size: int | None = None,
                 patch_size: int | None = None, dropout: float = 0.0, device: torch.device | str | None = None,
                 log=print) -> tuple[nn.Module, Preprocess]:
@@ -135,6 +150,8 @@ def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", 
     if is_local and not (folder / "config.json").is_file():
         raise ModelError(f"model folder {folder} has no config.json; pass an HF save_pretrained folder or a "
                          f"named config ({', '.join(NAMED_CONFIGS)})")
+    if is_local:
+        refuse_custom_code(folder)
     if not is_local and ("/" not in name or name.startswith((".", "/", "~"))):
         raise ModelError(f"unknown --model {name!r}: not a folder, not a hub id (org/name), not a named config "
                          f"({', '.join(NAMED_CONFIGS)})")
@@ -144,7 +161,7 @@ def build_model(name: str, label_names: list[str], *, pretrained: str = "auto", 
               attention_probs_dropout_prob=dropout)
     try:
         if pretrained == "none":
-            config = AutoConfig.from_pretrained(name, **kw)
+            config = AutoConfig.from_pretrained(name, trust_remote_code=False, **kw)
             with on_device:
                 model = ViTForImageClassification._from_config(config, attn_implementation=ATTENTION)
             log(f"model: {name} config, random init ({_count(model) / 1e6:.1f}M params)")

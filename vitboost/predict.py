@@ -67,31 +67,57 @@ def evaluate_folder(folder: str, dataset: str, split: str = "all", *, batch_size
             for s in names}
 
 
-def export_checkpoint(checkpoint: Path, out: Path, adapter: Path | None = None) -> Path:
-    """A run folder (latest checkpoint) or a step_* folder -> HF folder with safetensors.
-    A LoRA run is merged into plain weights; ``adapter`` also gets the adapter alone."""
+def export_checkpoint(checkpoint: Path, out: Path, adapter: Path | None = None, log=print) -> Path:
+    """A run folder (its newest checkpoint that loads, saying which it skipped) or one step_* folder
+    -> HF folder with safetensors, written to a temporary name and renamed. A LoRA run is merged into
+    plain weights; ``adapter`` also gets the adapter alone; a run with --ema exports its EMA weights."""
+    import shutil
+
     from transformers import ViTConfig, ViTForImageClassification
 
-    from .checkpoint import is_complete, latest_checkpoint, load_model_weights
-    step = checkpoint
-    if not is_complete(step):
-        step = latest_checkpoint(checkpoint / "checkpoints")
-    if step is None or not is_complete(step):
-        raise ModelError(f"{checkpoint} holds no complete checkpoint; pass a run folder or one of its "
+    from .checkpoint import CheckpointError, DamagedCheckpoint, candidates, load_model_weights
+    from .storage import WriteError, io_failure
+    one = (checkpoint / ".metadata").exists() or not (checkpoint / "checkpoints").is_dir()
+    steps = [checkpoint] if one else candidates(checkpoint / "checkpoints")
+    if not steps:
+        raise ModelError(f"{checkpoint} holds no checkpoint; pass a run folder or one of its "
                          f"checkpoints/step_* folders")
-    run = step.parent.parent
+    run = steps[0].parent.parent
     hf = run / "hf_config"
     if not (hf / "config.json").is_file():
         raise ModelError(f"{run} has no hf_config/config.json (written at the start of every run); "
-                         f"is {checkpoint} a vitboost run?")
-    model = ViTForImageClassification(ViTConfig.from_pretrained(hf))
-    peft_model = lora.load_for_export(model, hf)
+                         f"is {checkpoint} a vitboost run or one of its checkpoints/step_* folders?")
+    model = peft_model = None
+    skipped: list[str] = []
+    for step in steps:
+        try:
+            model = ViTForImageClassification(ViTConfig.from_pretrained(hf))
+            peft_model = lora.load_for_export(model, hf)
+            load_model_weights(step, model, ema=_run_uses_ema(run))
+            break
+        except DamagedCheckpoint as e:
+            if one:
+                raise CheckpointError(f"cannot export {step}: {e.reason}; pass another checkpoint folder, or the "
+                                      f"run folder to take its newest checkpoint that loads") from None
+            log(f"export: skipping {step}: {e.reason}")
+            skipped.append(f"{step.name}: {e.reason}")
+            model = None
+    if model is None:
+        raise CheckpointError(f"no checkpoint in {checkpoint / 'checkpoints'} can be loaded "
+                              f"({'; '.join(skipped[:3])})")
     if adapter is not None and peft_model is None:
         raise ModelError(f"{run} is not a LoRA run (no hf_config/adapter_config.json); export it without --adapter")
-    load_model_weights(step, model, ema=_run_uses_ema(run))
     if peft_model is not None:
         model = lora.export_lora(peft_model, adapter)
-    export_pretrained(model, read_preprocess(hf, model.config.image_size), out)
+    try:
+        export_pretrained(model, read_preprocess(hf, model.config.image_size), out)
+    except Exception as e:  # noqa: BLE001 - a storage failure becomes one line, anything else is re-raised
+        reason = io_failure(e, out)
+        if reason is None:
+            raise
+        shutil.rmtree(out.with_name(out.name + ".tmp"), ignore_errors=True)
+        raise WriteError(f"cannot write the exported model to {out} ({reason}); the checkpoint {step} is intact: "
+                         f"free some space, then `vitboost export --checkpoint {step} --output {out}`") from None
     return out
 
 

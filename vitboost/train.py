@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
 from .checkpoint import close as close_checkpoints
-from .checkpoint import finish_pending, latest_checkpoint, load_checkpoint, publish_finished, save_checkpoint
-from .config import ConfigError, TrainConfig
+from .checkpoint import finish_pending, publish_finished, resume_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, check_patch_grid
 from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
 from .engine import Engine, cosine_schedule
 from .evaluate import evaluate
@@ -34,6 +34,9 @@ from .regularize import apply_drop_path
 from .report import make_sinks
 from .parallel.dims import ParallelDims, init_distributed, world_info
 from .parallel.plan import make_plan, model_dims, plan_step
+from .preempt import Preemption, restore_signals
+from .storage import WriteError, uncreatable
+from .trainstate import TrainState, trim_metrics
 
 RUN_MARKER = "config.yaml"
 
@@ -61,6 +64,9 @@ def check_output(cfg: TrainConfig, is_main: bool) -> Path:
     if is_main:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--output {out} is a file; pass a folder")
+        why = uncreatable(out)
+        if why:
+            raise ConfigError(f"--output {out} cannot be created: {why}; pass a folder you can write to")
         holds_run = (out / RUN_MARKER).exists()
         if holds_run and cfg.resume is None and not cfg.overwrite:
             raise ConfigError(f"--output {out} already holds a run; pass --resume auto to continue it, "
@@ -164,35 +170,26 @@ def train(cfg: TrainConfig) -> dict:
     augment = GpuAugment(aug_cfg, len(data.label_names), pre.mean, pre.std, seed=cfg.seed + 1000 * dp_rank,
                          device=device)
 
-    # resume
+    # resume: the newest checkpoint that loads (--resume auto) or the one named
     ckpt_root = out / "checkpoints"
-    step, epoch, batch_in_epoch = 0, 0, 0
-    saved_step = -1  # the step of the newest checkpoint written or resumed from
-    resume_from = None
-    if cfg.resume:
-        resume_from = latest_checkpoint(ckpt_root) if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.resume != "auto" and not (resume_from / ".metadata").is_file():
-            raise ConfigError(f"--resume {cfg.resume} is not a checkpoint folder (no .metadata); "
-                              f"pass one of {ckpt_root}/step_* or --resume auto")
-    if resume_from is not None:
-        ts, rng = load_checkpoint(resume_from, engine)
-        step, epoch, batch_in_epoch = ts["step"], ts["epoch"], ts["batch_in_epoch"]
-        saved_step = step
-        scheduler.load_state_dict(ts["scheduler"])
-        if engine.scaler is not None and ts.get("scaler"):
-            engine.scaler.load_state_dict(ts["scaler"])
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            if device.type == "cuda" and rng.get("cuda") is not None:
-                torch.cuda.set_rng_state(rng["cuda"], device)
-            augment.load_state_dict(rng["augment"])
-        say(f"resumed from {resume_from} at step {step} (epoch {epoch + 1}, batch {batch_in_epoch})")
+    preempt = Preemption(every=cfg.log_every)  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit
+    state = TrainState(scheduler, augment, device, engine.scaler)
+    history: list[dict] = []
+    found = resume_checkpoint(cfg.resume, ckpt_root, engine, say) if cfg.resume else None
+    if found:
+        resume_from, trainer_state, rng = found
+        state.load_state_dict(trainer_state)
+        state.load_rng_state_dict(rng)
+        if is_main:
+            history = trim_metrics(out / "metrics.jsonl", state)  # one row per step: drop rows logged after it
+        say(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})")
     elif cfg.resume == "auto":
         say(f"--resume auto: no checkpoint in {ckpt_root}; starting fresh")
+    step, epoch, batch_in_epoch = state.step, state.epoch, state.batch_in_epoch
     if is_main:
         cfg.save(out / RUN_MARKER)
     log = Logger(out / "metrics.jsonl" if is_main else None, make_sinks(
-        cfg.report_to, out, data.label_names, step if resume_from else None, say) if is_main else None)
+        cfg.report_to, out, data.label_names, step if found else None, say) if is_main else None)
 
     # keep the cached uint8 training images on the GPU when they fit in a small slice of it
     if (isinstance(train_split, ImageSplit) and device.type == "cuda"
@@ -200,23 +197,22 @@ def train(cfg: TrainConfig) -> dict:
         train_split = ImageSplit(train_split.images.to(device), train_split.labels)
 
     def checkpoint() -> None:
-        nonlocal saved_step
-        rng = {"torch": torch.get_rng_state(), "augment": augment.state_dict(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        ts = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "scheduler": scheduler.state_dict(),
-              "scaler": engine.scaler.state_dict() if engine.scaler is not None else None,
-              "world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
-        save_checkpoint(ckpt_root, step, engine, ts, rng, keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
-        saved_step = step
+        """Save this step, once (an epoch end can also be a --save_every step)."""
+        if state.saved_step == step:
+            return
+        state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
+        layout = {"world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
+        save_checkpoint(ckpt_root, step, engine, {**state.state_dict(), **layout}, state.rng_state_dict(),
+                        keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
+        state.saved_step = step
 
-    history: list[dict] = []
     lap("model_and_resume")
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
     live = is_main and cfg.progress and sys.stdout.isatty()
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
     print_every = max(cfg.log_every, total_steps // 20)
     window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
-    while epoch < cfg.epochs and step < total_steps:
+    while epoch < cfg.epochs and step < total_steps and not preempt.stopped:
         batches = local_batches(train_split, iterate_batches(
             len(train_split), global_batch, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True,
             start=batch_in_epoch), dims.dp, dp_rank)
@@ -247,6 +243,8 @@ def train(cfg: TrainConfig) -> dict:
             publish_finished()  # a background checkpoint write that ended takes its final name
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint()
+            if preempt.should_stop(step):
+                break
         if batch_in_epoch >= steps_per_epoch * cfg.grad_accum:
             epoch, batch_in_epoch = epoch + 1, 0
             if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
@@ -259,8 +257,10 @@ def train(cfg: TrainConfig) -> dict:
             if epoch % cfg.save_epochs == 0 or epoch == cfg.epochs or step >= total_steps:
                 checkpoint()
     bar.close()
-    if saved_step != step:
-        checkpoint()  # stopped by --max_steps or between --save_epochs: keep the last state
+    checkpoint()  # stopped by --max_steps, between --save_epochs or by a signal: keep the last state
+    if preempt.stopped:
+        finish_pending()
+        raise preempt.exit(step, ckpt_root / f"step_{step:08d}", is_main)
     lap("train")
 
     results = {}
@@ -278,9 +278,15 @@ def train(cfg: TrainConfig) -> dict:
                "skipped_images": data.skipped}
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    export_error = None
     if cfg.export and is_main:  # rank 0 rebuilds a plain HF model from the last checkpoint: any layout
-        export_checkpoint(out, out / "model", out / "adapter" if cfg.lora_rank else None)
-        say(f"model exported to {out / 'model'}" + (f", LoRA adapter to {out / 'adapter'}" if cfg.lora_rank else ""))
+        try:  # the checkpoint this run ended with (a resumed run that saved nothing new: the newest that loads)
+            final = ckpt_root / f"step_{step:08d}"
+            adapter = out / "adapter" if cfg.lora_rank else None
+            export_checkpoint(final if final.is_dir() else out, out / "model", adapter)
+            say(f"model exported to {out / 'model'}" + (f", LoRA adapter to {adapter}" if adapter else ""))
+        except WriteError as e:  # e.g. a full disk: the summary below still keeps the results
+            export_error = e
     lap("export")
     summary["timings_s"] = timings
     summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
@@ -290,6 +296,8 @@ def train(cfg: TrainConfig) -> dict:
             from .plots import plot_run
             plot_run(out)
     _barrier()
+    if export_error is not None:
+        raise export_error
     return summary
 
 
@@ -330,11 +338,14 @@ def _load_data(cfg: TrainConfig, size: int, is_main: bool, say) -> ImageDataset:
 
 
 def _model_image_size(cfg: TrainConfig) -> int:
-    from .model import NAMED_CONFIGS, read_preprocess
+    from .model import NAMED_CONFIGS, read_preprocess, refuse_custom_code
     if cfg.model in NAMED_CONFIGS:
-        return cfg.image_size or NAMED_CONFIGS[cfg.model][5]
+        size = cfg.image_size or NAMED_CONFIGS[cfg.model][5]
+        check_patch_grid(size, cfg.patch_size or NAMED_CONFIGS[cfg.model][4])
+        return size
     folder = Path(cfg.model).expanduser()
     if (folder / "config.json").is_file():
+        refuse_custom_code(folder)  # before the data is decoded
         size = json.loads((folder / "config.json").read_text()).get("image_size", 224)
         return read_preprocess(folder, size).image_size
     return 224  # hub ids: every google/vit-*-224 model; build_model checks the real value
@@ -375,6 +386,7 @@ def run(cfg: TrainConfig) -> dict:
     try:
         return train(cfg)
     finally:
+        restore_signals()
         close_checkpoints()
         if dist.is_initialized():
             dist.destroy_process_group()
