@@ -104,7 +104,7 @@ _METADATA_MODULE = "torch.distributed.checkpoint.metadata"
 _PATHS = ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")
 _ADMITTED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
              ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("builtins", "set"),
-             ("builtins", "frozenset"), ("builtins", "bytearray"),
+             ("builtins", "frozenset"),
              *((m, c) for m in ("pathlib", "pathlib._local") for c in _PATHS)}  # StorageMeta.checkpoint_id
 
 
@@ -295,8 +295,8 @@ def resume_checkpoint(spec: str, root: Path, engine, log: Callable[[str], None] 
         raise CheckpointError(f"--resume auto: no checkpoint in {root} can be loaded ({'; '.join(skipped[:3])}); "
                               f"pass --overwrite to start over")
     if found is not None and found[2] is None:
-        log(f"{found[0]} was written by {found[1].get('world_size')} processes, this run has {_world()}: the random "
-            f"streams (augmentation) restart, so the run continues correctly but not bitwise")
+        log(f"{found[0]} was written by {found[1].get('world_size')} processes, this run has {_world()}: the per-rank "
+            f"random streams (augmentation, dropout) start afresh from this run's seeds")
     return found
 
 
