@@ -447,8 +447,8 @@ def _plant(where: str, checkpoint: Path, marker: Path) -> None:
     else:  # a value of the shards (DCP reads those with torch.load(weights_only=False))
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-        from vitboost.checkpoint import _read_metadata
-        md = _read_metadata(checkpoint)
+        from vitboost.checkpoint import read_metadata
+        md = read_metadata(checkpoint)
         state = {k: torch.zeros(m.size, dtype=m.properties.dtype) if isinstance(m, TensorStorageMetadata)
                  else _Payload(marker) for k, m in md.state_dict_metadata.items()}
         for f in checkpoint.glob("*.distcp"):

@@ -159,7 +159,7 @@ class _SafePlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, clean)
 
 
-def _read_metadata(path: Path) -> Metadata:
+def read_metadata(path: Path) -> Metadata:
     """The folder's DCP metadata, read without executing code; DamagedCheckpoint if unusable."""
     if not path.is_dir():
         raise DamagedCheckpoint(path, "it does not exist" if not path.exists() else "it is not a folder")
@@ -245,7 +245,7 @@ def load_checkpoint(path: Path, engine) -> tuple[dict, dict | None]:
     md = trainer_state = rng = None
     problem = None
     try:
-        md = _read_metadata(path)
+        md = read_metadata(path)
         _check_shards(path, md)
         trainer_state = _load_small(path, "trainer.pt")
         missing = [k for k in TRAINER_KEYS if k not in trainer_state]
@@ -305,7 +305,7 @@ def load_model_weights(path: Path, model: torch.nn.Module, ema: bool = False) ->
     ``ema``: the run kept a weight EMA, which is what gets exported. Raises DamagedCheckpoint for a
     folder that cannot be loaded."""
     import warnings
-    md = _read_metadata(path)
+    md = read_metadata(path)
     _check_shards(path, md)
     state = {"model": model.state_dict()}
     if ema:  # own storage: the EMA must not land in the tensors the raw weights load into

@@ -67,7 +67,20 @@ class ImageSplit:
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 images for these indices (a slice of the cached tensor)."""
-        return self.images[idx.to(self.images.device)]
+        return self.images[_index_on(idx, self.images.device)]
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, labels) for these indices, gathered where the split lives."""
+        idx = _index_on(idx, self.images.device)
+        return self.images[idx], self.labels[idx]
+
+
+def _index_on(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host indices -> device without waiting for it: a copy from pageable memory synchronizes the
+    stream (the host would stall on every step until the GPU drains), one from pinned memory does not."""
+    if device.type != "cuda" or idx.device == device:
+        return idx.to(device)
+    return idx.pin_memory().to(device, non_blocking=True)
 
 
 class StreamingSplit:

@@ -107,15 +107,18 @@ def save_config(model: nn.Module, folder: Path) -> None:
 def check_resume(cfg: TrainConfig, output: Path, model: nn.Module) -> None:
     """Refuse in one line, before the run folder is touched, to resume a LoRA checkpoint without the
     same LoRA (or a full fine-tuning one with it): DCP would stop on a missing key with a long traceback."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from .checkpoint import latest_checkpoint
+    from .checkpoint import DamagedCheckpoint, candidates, read_metadata
     if not cfg.resume:
         return
-    checkpoint = latest_checkpoint(output / "checkpoints") if cfg.resume == "auto" else Path(cfg.resume)
-    if checkpoint is None or not (checkpoint / ".metadata").is_file():
-        return  # no checkpoint: the trainer says so itself
-    meta = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    meta = checkpoint = None
+    for checkpoint in candidates(output / "checkpoints") if cfg.resume == "auto" else [Path(cfg.resume)]:
+        try:  # the newest whose metadata reads (without running code); damaged ones: the trainer says why
+            meta = read_metadata(checkpoint).state_dict_metadata
+            break
+        except DamagedCheckpoint:
+            continue
+    if meta is None:
+        return  # no checkpoint that loads: the trainer says so itself
     saved = {k.removeprefix("model."): getattr(v, "size", None) for k, v in meta.items() if k.startswith("model.")}
     lora_a = {k: size for k, size in saved.items() if ".lora_A." in k}
     saved_rank = next(iter(lora_a.values()))[0] if lora_a else 0

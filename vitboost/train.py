@@ -146,6 +146,7 @@ def train(cfg: TrainConfig) -> dict:
     if is_main:
         claim_output(cfg, out)
         save_run_config(model, pre, out)  # before parallelization touches the model
+    plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
     train_split = data.splits["train"]
     global_batch = cfg.batch_size * dims.dp
     batches_per_epoch = num_batches(len(train_split), global_batch, drop_last=True)
@@ -156,9 +157,7 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-
-    plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
-    plan = plan_step(plan, cfg, device.type, total_steps)
+    plan = plan_step(plan, cfg, device.type, total_steps)  # compile / CUDA graph: depends on the run's length
     for note in (plan.reason, *plan.step_notes):
         if note:
             say(note)
@@ -194,7 +193,7 @@ def train(cfg: TrainConfig) -> dict:
     # keep the cached uint8 training images on the GPU when they fit in a small slice of it
     if (isinstance(train_split, ImageSplit) and device.type == "cuda"
             and train_split.images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]):
-        train_split = ImageSplit(train_split.images.to(device), train_split.labels)
+        train_split = ImageSplit(train_split.images.to(device), train_split.labels.to(device))
 
     def checkpoint() -> None:
         """Save this step, once (an epoch end can also be a --save_every step)."""
@@ -306,7 +305,7 @@ def local_batches(split: ImageSplit | StreamingSplit, batches, dp: int, dp_rank:
     split decodes the next batch in a background thread while the current one trains."""
     def fetch(global_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = global_batch.chunk(dp)[dp_rank]
-        return split.batch(idx), split.labels[idx]
+        return split.take(idx) if isinstance(split, ImageSplit) else (split.batch(idx), split.labels[idx])
 
     if not isinstance(split, StreamingSplit):
         yield from map(fetch, batches)

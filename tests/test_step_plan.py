@@ -1,0 +1,157 @@
+"""How the training step is run: compiled or not, one CUDA graph or not, and why; EMA, drop-path.
+
+The speed itself is measured on a GPU (benchmarks/step_speed.py, BENCHMARKS.md); what must hold
+everywhere is that each choice is made for a stated reason, that the regularizers keep the model a
+plain HF ViT, and that the EMA is what gets evaluated and exported.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import train_args
+from vitboost.cli import main
+from vitboost.config import ConfigError, TrainConfig, make_config
+from vitboost.data import ImageSplit
+from vitboost.model import build_model
+from vitboost.parallel.plan import COMPILE_PAYS_AFTER_STEPS, make_plan, plan_step
+from vitboost.regularize import EMA, DropPath, apply_drop_path
+
+
+def _step_plan(device_type: str = "cuda", world: int = 1, steps: int | None = None, **cfg):
+    config = TrainConfig(**cfg)
+    config.validate()
+    return plan_step(make_plan(config, device_type, world), config, device_type, steps)
+
+
+def test_one_gpu_graphs_the_whole_step_and_compiles_only_long_runs():
+    short = _step_plan(steps=COMPILE_PAYS_AFTER_STEPS - 1)
+    assert short.cuda_graph and short.compile == "none"
+    assert any("too short" in n for n in short.step_notes)
+    long = _step_plan(steps=COMPILE_PAYS_AFTER_STEPS)
+    assert long.cuda_graph and long.compile == "model"  # a single module is compiled whole
+
+
+def test_what_cannot_be_one_graph_says_why_and_sharded_layouts_compile_per_block():
+    fsdp = _step_plan(world=2, steps=10**6, plugin="fsdp")
+    assert not fsdp.cuda_graph and fsdp.compile == "blocks"
+    assert any("communication" in n for n in fsdp.step_notes)
+    accum = _step_plan(steps=10, grad_accum=2)
+    assert not accum.cuda_graph and any("accumulation" in n for n in accum.step_notes)
+    cpu = _step_plan(device_type="cpu", steps=10**6)
+    assert (cpu.compile, cpu.cuda_graph) == ("none", False)
+
+
+def test_explicit_choices_win_and_an_impossible_graph_is_one_error():
+    assert _step_plan(steps=1, compile="true").compile == "model"
+    assert _step_plan(steps=10**6, compile="false", cuda_graph="false").compile == "none"
+    with pytest.raises(ConfigError, match="--cuda_graph true is not possible"):
+        _step_plan(device_type="cpu", cuda_graph="true")
+    fp16 = _step_plan(steps=10, plugin="torch_ddp_fp16")
+    assert not fp16.cuda_graph and any("fp16" in n for n in fp16.step_notes)  # measured drift: opt-in only
+    assert _step_plan(steps=10, plugin="torch_ddp_fp16", cuda_graph="true").cuda_graph
+
+
+@pytest.mark.parametrize("given, want", [(True, "true"), (False, "false"), ("AUTO", "auto")])
+def test_yaml_booleans_and_words_both_configure_compile(given, want):
+    assert make_config({"compile": given}).compile == want
+
+
+def test_bad_compile_value_is_refused():
+    with pytest.raises(ConfigError, match="--compile must be auto, true or false"):
+        make_config({"compile": "sometimes"})
+
+
+def test_drop_path_keeps_the_hf_names_and_drops_whole_samples_in_training_only():
+    torch.manual_seed(0)
+    model, _ = build_model("vit-small", ["a", "b"], pretrained="none", log=lambda *a: None)
+    keys = list(model.state_dict())
+    assert apply_drop_path(model, 0.2) > 0
+    assert list(model.state_dict()) == keys  # checkpoints and export unchanged
+    rates = sorted({m.p for m in model.modules() if isinstance(m, DropPath)})
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)  # linear in depth, as timm
+    drop = DropPath(0.5)
+    x = torch.ones(4000, 3, 5)
+    y = drop.train()(x)
+    kept = (y[:, 0, 0] != 0).float()
+    assert torch.all((y == 0) | (y == 2.0))  # a sample is dropped whole, the rest rescaled by 1/(1-p)
+    assert 0.45 < kept.mean() < 0.55
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_ema_averages_after_each_step_and_evaluates_on_the_average():
+    w = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([("w", w)], decay=0.5)
+    with torch.no_grad():
+        w.fill_(1.0)
+    ema.update()
+    assert torch.allclose(ema.state_dict()["w"], torch.full((3,), 0.5))
+    with ema.swapped():
+        assert torch.allclose(w, torch.full((3,), 0.5))
+    assert torch.allclose(w, torch.ones(3))  # the trained weights are back
+
+
+def test_an_ema_run_exports_and_evaluates_the_average_and_resumes_bitwise(tiny_beans, tmp_path, capsys):
+    from safetensors.torch import load_file
+    import shutil
+    flags = ("--ema", "0.9", "--drop_path", "0.1", "--epochs", "2", "--no-async_checkpoint")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(train_args(tiny_beans, full, *flags)) == 0
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_00000006")  # back to the end of epoch 1 (3 steps of 8)
+    assert main(train_args(tiny_beans, part, *flags, "--resume", "auto")) == 0
+    a, b = load_file(full / "model" / "model.safetensors"), load_file(part / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    summary = json.loads((full / "summary.json").read_text())
+    assert main(["eval", "--model", str(full / "model"), "--dataset", str(tiny_beans), "--split", "validation",
+                 "--cache_dir", str(tmp_path / "cache"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)["validation"]
+    assert evaluated["confusion_matrix"] == summary["eval"]["validation"]["confusion_matrix"]
+    assert evaluated["loss"] == pytest.approx(summary["eval"]["validation"]["loss"], rel=1e-4)
+
+
+def test_a_gpu_resident_split_gives_the_same_batch_as_the_cpu_one():
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(10) % 3
+    idx = torch.tensor([7, 1, 4])
+    got_images, got_labels = ImageSplit(images, labels).take(idx)
+    assert torch.equal(got_images, images[idx]) and torch.equal(got_labels, labels[idx])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_the_graphed_step_matches_eager_and_the_input_path_never_syncs():
+    from vitboost.augment import AugmentConfig, GpuAugment, soft_cross_entropy
+    from vitboost.engine import Engine
+    from vitboost.parallel.dims import ParallelDims, init_distributed
+
+    device = torch.device("cuda", 0)
+    init_distributed("cuda")
+    losses = {}
+    for graph in ("false", "true"):
+        cfg = make_config({"model": "vit-micro", "pretrained": "none", "batch_size": 8, "compile": "false",
+                           "cuda_graph": graph, "mixed_precision": "fp32", "tf32": False})
+        dims = ParallelDims(1)
+        dims.build_mesh("cuda")
+        torch.manual_seed(0)
+        model, pre = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None, device=device)
+        plan = plan_step(make_plan(cfg, "cuda", 1), cfg, "cuda", 10)
+        engine = Engine(model, cfg, dims, plan, device, soft_cross_entropy)
+        assert (engine.graphed is not None) == (graph == "true")
+        split = ImageSplit(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=device),
+                           torch.randint(0, 3, (64,), device=device))
+        augment = GpuAugment(AugmentConfig.preset("light"), 3, pre.mean, pre.std, seed=0, device=device)
+        out = []
+        for step in range(6):
+            if step == 4:
+                torch.cuda.set_sync_debug_mode("error")  # after capture: fetch, augment, replay never wait
+            x, y = augment(*split.take(torch.arange(8) + 8 * step))
+            out.append(engine.train_step([(x, y)])[0].clone())
+        torch.cuda.set_sync_debug_mode("default")
+        losses[graph] = torch.stack(out).cpu()
+    torch.testing.assert_close(losses["true"], losses["false"], rtol=1e-5, atol=1e-6)
