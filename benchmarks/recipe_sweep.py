@@ -60,7 +60,6 @@ def main() -> None:
     out, n_gpu = Path(a.out), gpus()
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     running: list[tuple[subprocess.Popen, str, int, Path]] = []
-    slot = 0
 
     def reap(block: bool) -> None:
         while running and (block or any(pr.poll() is not None for pr, *_ in running)):
@@ -83,12 +82,6 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, stop)
 
-    def launch_all() -> None:
-        nonlocal slot
-        for name, flags, seed in jobs:
-            launch(name, flags + a.extra.split(), seed, slot)
-            slot += 1
-
     def launch(name: str, flags: list[str], seed: int, slot: int) -> None:
         while len(running) >= a.parallel:
             reap(False)
@@ -103,7 +96,8 @@ def main() -> None:
         running.append((pr, name, seed, run))
         print(f"start {name} seed {seed}: {' '.join(flags)}", flush=True)
     try:
-        launch_all()
+        for slot, (name, flags, seed) in enumerate(jobs):
+            launch(name, flags + a.extra.split(), seed, slot)
         reap(True)
     except KeyboardInterrupt:
         for pr, *_rest in running:

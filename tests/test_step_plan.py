@@ -155,3 +155,11 @@ def test_the_graphed_step_matches_eager_and_the_input_path_never_syncs():
         torch.cuda.set_sync_debug_mode("default")
         losses[graph] = torch.stack(out).cpu()
     torch.testing.assert_close(losses["true"], losses["false"], rtol=1e-5, atol=1e-6)
+
+
+def test_random_init_runs_on_the_gpu_unless_the_model_may_not_fit_there():
+    from vitboost.train import init_device
+    gpu = torch.device("cuda", 0)
+    assert init_device(gpu, "torch_ddp") == gpu and init_device(gpu, "fsdp") == gpu
+    assert init_device(gpu, "gemini") is None and init_device(gpu, "auto") is None  # auto may pick gemini
+    assert init_device(torch.device("cpu"), "torch_ddp") is None

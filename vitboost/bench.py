@@ -294,7 +294,7 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
     from .model import build_model
     from .parallel.dims import ParallelDims
     from .parallel.plan import make_plan, model_dims, plan_step
-    from .train import _check_layout, set_tf32
+    from .train import _check_layout, init_device, set_tf32
 
     say = print if rank == 0 else (lambda *a, **k: None)
     dims = ParallelDims(world, tp=cfg.tp_size, pp=cfg.pp_size)
@@ -303,7 +303,7 @@ def bench_vitboost(cfg: TrainConfig, args: argparse.Namespace, device: torch.dev
     torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP / TP do not broadcast)
     model, pre = build_model(cfg.model, [str(i) for i in range(args.num_labels)], pretrained="none",
                              image_size=cfg.image_size, patch_size=cfg.patch_size, log=say,
-                             device=device if device.type == "cuda" and cfg.plugin != "gemini" else None)
+                             device=init_device(device, cfg.plugin))
     model = apply_lora(model, cfg, say)
     _check_layout(cfg, model, dims)
     params = sum(p.numel() for p in model.parameters())

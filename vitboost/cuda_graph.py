@@ -42,7 +42,6 @@ class GraphedStep:
         self.step, self.optimizer, self.warmup = step, optimizer, warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.calls = 0
-        self.capture_seconds = 0.0
         self._lrs: list[Tensor] = []
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,8 +63,6 @@ class GraphedStep:
         return self.loss, self.norm
 
     def _capture(self, x: Tensor, y: Tensor) -> None:
-        import time
-        t0 = time.perf_counter()
         torch.cuda.synchronize()
         self.x, self.y = x.clone(), y.clone()
         groups = self.optimizer.param_groups
@@ -81,8 +78,6 @@ class GraphedStep:
             for g, lr in zip(groups, floats):
                 g["lr"] = lr
         self.graph = graph
-        torch.cuda.synchronize()
-        self.capture_seconds = time.perf_counter() - t0
 
 
 def graph_unsupported_reason(*, device_type: str, data_parallel: str, tp: int, pp: int, cpu_offload: bool,

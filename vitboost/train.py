@@ -58,6 +58,12 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def init_device(device: torch.device, plugin: str) -> torch.device | None:
+    """Where a random init runs: on the GPU it trains on, unless the plugin may be there because
+    the model does not fit one (gemini, or auto, which can pick gemini): then on the CPU."""
+    return device if device.type == "cuda" and plugin not in ("gemini", "auto") else None
+
+
 def check_output(cfg: TrainConfig, is_main: bool) -> Path:
     """Refuse to mix two runs in one folder unless asked to resume or overwrite."""
     out = Path(cfg.output)
@@ -133,9 +139,9 @@ def train(cfg: TrainConfig) -> dict:
     data = _load_data(cfg, size, is_main, say)
     lap("data")
     torch.manual_seed(cfg.seed)
-    init_on = device if device.type == "cuda" and cfg.plugin != "gemini" else None  # gemini: may not fit
     model, pre = build_model(cfg.model, data.label_names, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                             patch_size=cfg.patch_size, dropout=cfg.dropout, device=init_on, log=say)
+                             patch_size=cfg.patch_size, dropout=cfg.dropout, device=init_device(device, cfg.plugin),
+                             log=say)
     if size != pre.image_size:
         raise ConfigError(f"model {cfg.model} expects {pre.image_size}px inputs, not {size}px; "
                           f"use a model whose image_size is {size} or a local folder")

@@ -138,7 +138,7 @@ def choose_auto(cfg: TrainConfig, device_type: str, world_size: int, num_params:
 
 # A cold whole-model compile costs 23-29 s on an H200 and, on top of a CUDA-graphed step, saves
 # 2-9 ms a step (ViT-B b16 to vit-small b128): it pays back after 2,800-13,000 steps
-# (BENCHMARKS.md section 15). auto compiles runs of at least this many steps.
+# (BENCHMARKS.md section 17). auto compiles runs of at least this many steps.
 COMPILE_PAYS_AFTER_STEPS = 5000
 
 
@@ -153,7 +153,8 @@ def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int |
     elif cfg.compile == "false":
         compile = "none"
     elif device_type != "cuda":
-        compile, _ = "none", notes.append("compile: off (auto: no GPU)")
+        compile = "none"
+        notes.append("compile: off (auto: no GPU)")
     elif total_steps is not None and total_steps < COMPILE_PAYS_AFTER_STEPS:
         compile = "none"
         notes.append(f"compile: off (auto: {total_steps} steps < {COMPILE_PAYS_AFTER_STEPS}, "
