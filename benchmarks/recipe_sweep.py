@@ -121,7 +121,7 @@ def collect(out: Path, recipes: list[tuple[str, list[str]]], seeds: list[int]) -
                 rows.append({"recipe": name, "seed": seed, "flags": " ".join(flags),
                              **{k: s["eval"][k]["accuracy"] for k in s.get("eval", {})},
                              "train_seconds": s.get("train_seconds"), "total_seconds": s.get("total_seconds"),
-                             "history": s.get("history")})
+                             "teacher": s.get("teacher"), "history": s.get("history")})
     return rows
 
 

@@ -22,7 +22,8 @@ PLUGINS = [("torch_ddp", {}), ("torch_ddp_fp16", {}), ("low_level_zero", {"zero_
            ("low_level_zero", {"zero_stage": 2}), ("fsdp", {}), ("hybrid_parallel", {}), ("gemini", {})]
 
 
-def losses(plugin: str, extra: dict, fast: bool, model: str, batch: int, steps: int) -> tuple[list[float], str]:
+def losses(plugin: str, extra: dict, fast: bool, model: str, batch: int, steps: int,
+           fast_flags: dict | None = None) -> tuple[list[float], list[float], str]:
     import torch
     from vitboost.augment import soft_cross_entropy
     from vitboost.config import make_config
@@ -33,7 +34,7 @@ def losses(plugin: str, extra: dict, fast: bool, model: str, batch: int, steps: 
     from vitboost.train import init_device
 
     device = torch.device("cuda", 0)
-    speed = {} if fast else {"compile": "false", "cuda_graph": "false"}
+    speed = (fast_flags or {}) if fast else {"compile": "false", "cuda_graph": "false"}
     cfg = make_config({"model": model, "pretrained": "none", "batch_size": batch, "plugin": plugin, "lr": 1e-4,
                        **extra, **speed})
     dims = ParallelDims(1)
@@ -46,14 +47,22 @@ def losses(plugin: str, extra: dict, fast: bool, model: str, batch: int, steps: 
     g = torch.Generator(device="cpu").manual_seed(1)
     data = [(torch.randn(batch, 3, 224, 224, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
             for _ in range(4)]
-    out = []
+    out, scales = [], []
     for i in range(steps):
         loss, _ = engine.train_step([data[i % 4]])
         out.append(float(loss))
+        if engine.scaler is not None:  # fp16: a skipped step (inf grads) halves the loss scale
+            scales.append(float(engine.scaler._scale))
     what = f"compile={plan.compile} cuda_graph={plan.cuda_graph} {plan.precision} dp_wrapper={plan.data_parallel}"
     del engine, net
     torch.cuda.empty_cache()
-    return out, what
+    return out, scales, what
+
+
+def _skipped(scales: list[float], init: float = 2.0 ** 16) -> list[int]:
+    """Steps whose update was skipped: the loss scale fell below the one before (GradScaler backoff)."""
+    before = [init] + scales[:-1]
+    return [i for i, (s, b) in enumerate(zip(scales, before)) if s < b]
 
 
 def main() -> None:
@@ -63,15 +72,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--tol", type=float, default=2e-2, help="max relative loss difference at any step")
     p.add_argument("--json", default="results/step_parity.json")
+    p.add_argument("--plugins", nargs="*", help="only these (names as in the table, e.g. torch_ddp_fp16)")
+    p.add_argument("--fast", default="", help="the fast run's flags instead of a long run's defaults, "
+                   "e.g. compile=false,cuda_graph=true")
     a = p.parse_args()
     from vitboost.parallel.dims import init_distributed
     init_distributed("cuda")
     rows = []
+    fast_flags = dict(kv.split("=") for kv in a.fast.split(",") if kv)
     for plugin, extra in PLUGINS:
         name = plugin + (f" zero{extra['zero_stage']}" if extra else "")
+        if a.plugins and name not in a.plugins and plugin not in a.plugins:
+            continue
         try:
-            ref, _ = losses(plugin, extra, False, a.model, a.batch_size, a.steps)
-            fast, what = losses(plugin, extra, True, a.model, a.batch_size, a.steps)
+            ref, ref_scales, _ = losses(plugin, extra, False, a.model, a.batch_size, a.steps)
+            fast, fast_scales, what = losses(plugin, extra, True, a.model, a.batch_size, a.steps, fast_flags)
         except Exception as e:
             rows.append({"plugin": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
             print(rows[-1], flush=True)
@@ -80,6 +95,11 @@ def main() -> None:
         rows.append({"plugin": name, "fast": what, "max_rel_diff": round(rel, 5), "first_loss": round(ref[0], 4),
                      "final_eager": round(ref[-1], 4), "final_fast": round(fast[-1], 4), "pass": rel < a.tol,
                      "eager": [round(x, 5) for x in ref], "fast_losses": [round(x, 5) for x in fast]})
+        if ref_scales:  # the steps where either run skipped an update (its loss scale fell)
+            rows[-1]["skipped_eager"] = _skipped(ref_scales)
+            rows[-1]["skipped_fast"] = _skipped(fast_scales)
+            rows[-1]["first_diverged"] = next((i for i, (x, y) in enumerate(zip(fast, ref))
+                                               if abs(x - y) / abs(y) > 1e-3), None)
         print({k: v for k, v in rows[-1].items() if k not in ("eager", "fast_losses")}, flush=True)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(rows, indent=1))

@@ -57,6 +57,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_grad_norm", type=float)
     g.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.998 (evaluated and exported); 0: off")
     g.add_argument("--seed", type=int)
+    g.add_argument("--distillation_type", choices=("none", "hard", "soft"),
+                   help="learn from a convnet teacher's predictions too (DeiT): hard = its argmax")
+    g.add_argument("--distillation_alpha", type=float, help="weight of the teacher's targets (default 0.5)")
+    g.add_argument("--teacher_model", help="named convnet trained first in this run (resnet-tiny, resnet-small, "
+                   "resnet-18) or an HF image-classifier folder")
+    g.add_argument("--teacher_epochs", type=int, help="epochs for a named teacher (default 100)")
     g.add_argument("--augment", choices=("none", "light", "strong"))
     g.add_argument("--mixup", type=float)
     g.add_argument("--cutmix", type=float)

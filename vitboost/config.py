@@ -47,6 +47,11 @@ class TrainConfig:
     warmup_ratio: float = 0.3
     max_grad_norm: float = 1.0
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); evaluated and exported
+    # distillation (DeiT, class token only): a teacher's predictions join the labels as the student's targets
+    distillation_type: str = "none"  # none | hard (the teacher's argmax, DeiT's best) | soft (its probabilities)
+    distillation_alpha: float = 0.5  # weight of the teacher's targets
+    teacher_model: str = "resnet-small"  # a named convnet trained first in this run, or an HF classifier folder
+    teacher_epochs: int = 100  # for a named teacher
     seed: int = 42
     # augmentation (vitboost.augment presets: none, light, strong) and overrides
     augment: str = "none"
@@ -104,6 +109,12 @@ class TrainConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1) (a decay such as 0.998; 0 turns it off), got {self.ema}")
+        if self.distillation_type not in ("none", "hard", "soft"):
+            raise ConfigError(f"unknown --distillation_type {self.distillation_type!r}; choose none, hard or soft")
+        if not 0 < self.distillation_alpha <= 1:
+            raise ConfigError(f"--distillation_alpha must be in (0, 1], got {self.distillation_alpha}")
+        if self.teacher_epochs < 1:
+            raise ConfigError(f"--teacher_epochs must be >= 1, got {self.teacher_epochs}")
         if not 0 <= self.drop_path < 1:
             raise ConfigError(f"--drop_path must be in [0, 1), got {self.drop_path}")
         for name in ("mixup", "cutmix", "weight_decay", "max_grad_norm", "dropout"):

@@ -82,22 +82,13 @@ class GraphedStep:
 
 def graph_unsupported_reason(*, device_type: str, data_parallel: str, tp: int, pp: int, cpu_offload: bool,
                              grad_accum: int) -> str | None:
-    """Why the step cannot be one CUDA graph here, or None when it can. fp16 can be captured too
-    (GradScaler with fused AdamW keeps its inf check and scale update on the device): see
-    ``auto_graph_declined`` for why auto still leaves it out."""
+    """Why the step cannot be one CUDA graph here, or None when it can. fp16 is captured too:
+    GradScaler with fused AdamW keeps its inf check, skipped steps and scale update on the device
+    (the GPU check matched eager's losses and skipped steps exactly, BENCHMARKS.md section 19)."""
     if device_type != "cuda":
         return "no CUDA device"
     if data_parallel != "none" or tp > 1 or pp > 1 or cpu_offload:
         return "communication in the step (DDP/FSDP/TP/PP or CPU offload)"
     if grad_accum > 1:
         return "gradient accumulation"
-    return None
-
-
-def auto_graph_declined(precision: str) -> str | None:
-    """What --cuda_graph auto declines although capture works: fp16 compiled + graphed drifted from
-    eager beyond the bf16 tolerance after 20 steps in the GPU check (BENCHMARKS.md section 17),
-    and at batch 128 the graph bought nothing for it; --cuda_graph true still captures it."""
-    if precision == "fp16":
-        return "fp16 drifted from eager in our GPU check; --cuda_graph true to capture it anyway"
     return None

@@ -25,6 +25,7 @@ from .checkpoint import close as close_checkpoints
 from .checkpoint import finish_pending, publish_finished, resume_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, check_patch_grid
 from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
+from .distill import check_teacher, make_distiller
 from .engine import Engine, cosine_schedule
 from .evaluate import evaluate
 from .lora import apply_lora, check_resume as check_lora_resume
@@ -131,6 +132,7 @@ def train(cfg: TrainConfig) -> dict:
     dp_rank = dims.mesh["dp"].get_local_rank()
     dp_group = dims.mesh["dp"].get_group() if dims.dp_enabled else None
     out = check_output(cfg, is_main)
+    check_teacher(cfg)
     lap("startup")
 
     # model config first: the input size and normalization come from it
@@ -212,6 +214,10 @@ def train(cfg: TrainConfig) -> dict:
         state.saved_step = step
 
     lap("model_and_resume")
+    distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names,
+                                        pre.mean, pre.std, device, out, is_main, say)
+    inputs = distiller or augment  # (uint8 images, labels) -> (model inputs, targets)
+    lap("teacher")
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
     live = is_main and cfg.progress and sys.stdout.isatty()
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
@@ -225,7 +231,7 @@ def train(cfg: TrainConfig) -> dict:
             micro_batches = []
             for _ in range(cfg.grad_accum):
                 images, labels = next(batches)
-                micro_batches.append(augment(images.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
+                micro_batches.append(inputs(images.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
                 batch_in_epoch += 1
             step_loss, grad_norm = engine.train_step(micro_batches)
             scheduler.step()
@@ -280,7 +286,7 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
                "steps": step, "train_seconds": round(timings["train"], 2), "eval": results, "history": history,
-               "skipped_images": data.skipped}
+               "skipped_images": data.skipped, **({"teacher": teacher} if teacher else {})}
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     export_error = None

@@ -144,7 +144,7 @@ COMPILE_PAYS_AFTER_STEPS = 5000
 
 def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int | None) -> Plan:
     """Decide --compile / --cuda_graph (auto, true, false) for this plan and run length; say why."""
-    from ..cuda_graph import auto_graph_declined, graph_unsupported_reason
+    from ..cuda_graph import graph_unsupported_reason
     notes = []
     single = plan.data_parallel == "none" and cfg.tp_size == 1 and cfg.pp_size == 1 and not plan.cpu_offload
     target = "model" if single else "blocks"
@@ -167,8 +167,6 @@ def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int |
                                        grad_accum=cfg.grad_accum)
     if cfg.cuda_graph == "true" and why_not:
         raise ConfigError(f"--cuda_graph true is not possible here: {why_not}; use --cuda_graph auto")
-    if cfg.cuda_graph == "auto" and why_not is None:
-        why_not = auto_graph_declined(plan.precision)
     graph = cfg.cuda_graph != "false" and why_not is None
     if cfg.cuda_graph == "auto":
         notes.append("cuda_graph: on (auto: the step runs in one process with no host sync)" if graph

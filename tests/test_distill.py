@@ -1,0 +1,100 @@
+"""Distillation from a convnet teacher (DeiT, class token only): the targets, the run, the resume.
+
+Whether it pays is measured on a GPU (benchmarks/recipe_sweep.py, BENCHMARKS.md); here: the
+student's targets are exactly (1 - alpha) * labels + alpha * teacher, the student stays a plain
+HF ViT, the teacher is trained once and reloaded on resume, and bad teacher options fail in one line.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import train_args
+from tests.test_cli_errors import fails_with
+from vitboost.cli import main
+from vitboost.distill import Distiller
+
+
+class FixedTeacher(nn.Module):
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.out = logits
+
+    def forward(self, pixel_values):
+        return type("Out", (), {"logits": self.out})()
+
+
+def identity(images, labels):
+    return images, labels
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_targets_mix_the_labels_with_the_teachers_predictions(kind):
+    logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.5, 3.0]])
+    taught = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]) if kind == "hard" else logits.softmax(-1)
+    distill = Distiller(identity, FixedTeacher(logits), kind, alpha=0.25, dtype=None)
+    x = torch.zeros(2, 3, 4, 4)
+    _, ids = distill(x, torch.tensor([1, 1]))  # class ids (no mixup) become one-hot first
+    torch.testing.assert_close(ids, 0.75 * torch.tensor([[0, 1.0, 0], [0, 1.0, 0]]) + 0.25 * taught)
+    mixed = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.1, 0.8]])  # mixup/cutmix targets stay soft
+    _, soft = distill(x, mixed)
+    torch.testing.assert_close(soft, 0.75 * mixed + 0.25 * taught)
+    torch.testing.assert_close(soft.sum(-1), torch.ones(2))
+
+
+def test_a_distilled_run_trains_its_teacher_once_and_exports_a_plain_vit(tiny_beans, tmp_path):
+    out = tmp_path / "run"
+    args = train_args(tiny_beans, out, "--distillation_type", "hard", "--teacher_model", "resnet-tiny",
+                      "--teacher_epochs", "1", "--augment", "light")
+    assert main([*args, "--max_steps", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher"]["model"] == "resnet-tiny" and "trained" in summary["teacher"]["source"]
+    assert 0 <= summary["teacher"]["validation_accuracy"] <= 1 and "teacher" in summary["timings_s"]
+    assert json.loads((out / "teacher" / "config.json").read_text())["model_type"] == "resnet"
+    assert json.loads((out / "model" / "config.json").read_text())["architectures"] == ["ViTForImageClassification"]
+    assert main([*args, "--resume", "auto"]) == 0  # picks up at step 3 with the teacher it saved
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher"]["source"].startswith("loaded from") and summary["steps"] > 3
+
+
+def test_a_teacher_folder_is_used_as_given(tiny_beans, tmp_path):
+    first = tmp_path / "first"
+    assert main([*train_args(tiny_beans, first, "--distillation_type", "soft", "--teacher_model", "resnet-tiny",
+                             "--teacher_epochs", "1", "--max_steps", "1")]) == 0
+    out = tmp_path / "second"
+    assert main([*train_args(tiny_beans, out, "--distillation_type", "soft", "--teacher_model",
+                             str(first / "teacher"), "--max_steps", "2")]) == 0
+    assert json.loads((out / "summary.json").read_text())["teacher"]["source"] == "loaded"
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--distillation_type", "hard", "--teacher_model", "/no/such/teacher"], "named teacher"),
+    (["--distillation_type", "hard", "--distillation_alpha", "0"], "--distillation_alpha"),
+    (["--distillation_type", "kl"], "invalid choice"),
+    (["--distillation_type", "hard", "--stream"], "drop --stream"),
+])
+def test_bad_distillation_options_fail_in_one_line(capsys, tiny_beans, tmp_path, flags, phrase):
+    if phrase == "invalid choice":  # argparse's own message for a word it does not know
+        with pytest.raises(SystemExit) as e:
+            main(train_args(tiny_beans, tmp_path / "run", *flags))
+        assert e.value.code == 2 and phrase in capsys.readouterr().err
+        return
+    fails_with(capsys, train_args(tiny_beans, tmp_path / "run", *flags), phrase)
+    assert not (tmp_path / "run").exists()
+
+
+def test_distillation_under_pipeline_parallel_reproduces_one_process(tiny_beans, vit4_dir, tmp_path):
+    """run_demo's 2-GPU layout (pp=2) with the distilled recipe: same teacher, losses and weights as one process."""
+    from tests.distributed import run_distributed
+    from tests.test_lora import _train_each
+    from tests.test_strategies import assert_same, base
+    distill = {"distillation_type": "hard", "teacher_model": "resnet-tiny", "teacher_epochs": 1, "augment": "light"}
+    ref, pp = tmp_path / "ref" / "run", tmp_path / "pp" / "run"
+    run_distributed(_train_each, 1, [base(tiny_beans, vit4_dir, ref, **distill)])
+    run_distributed(_train_each, 2, [base(tiny_beans, vit4_dir, pp, plugin="hybrid_parallel", pp_size=2, **distill)])
+    assert_same(ref, pp)
+    teachers = [json.loads((run / "summary.json").read_text())["teacher"] for run in (ref, pp)]
+    assert teachers[0]["validation_accuracy"] == teachers[1]["validation_accuracy"]
