@@ -52,7 +52,9 @@ def _local_shard(g: Tensor) -> tuple[Tensor, tuple]:
     if any(p.is_partial() for p in g.placements):  # not seen for grads; make it exact anyway
         g = g.redistribute(g.device_mesh, [Replicate() if p.is_partial() else p for p in g.placements])
     mesh = g.device_mesh
-    return g.to_local(), tuple((mesh, d) for d, p in enumerate(g.placements) if p.is_shard())
+    # every placement that is not Replicate splits the tensor (Shard, and _StridedShard: FSDP over TP,
+    # for which is_shard() is False): its local squares add up over that mesh dim
+    return g.to_local(), tuple((mesh, d) for d, p in enumerate(g.placements) if not p.is_replicate())
 
 
 def grad_norm(grads: Iterable[Tensor], pp_group: DeviceMesh | dist.ProcessGroup | None = None,
