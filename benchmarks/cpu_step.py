@@ -14,13 +14,12 @@ On ViT-B's parameter shapes (fp32 CPU tensors, ~86M params in ~200 tensors; the 
 
 --dtensor wraps every tensor as a one-rank DTensor (Shard(0)), as gemini's FSDP2 grads are
 (DTensor dispatch per tensor is part of the old path's cost). Gradients are restored between
-iterations outside the timed parts. No GPU needed.
+iterations outside the timed parts; each part reports the fastest of --iters runs. No GPU needed.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,15 +36,23 @@ def vit_b_shapes(num_labels: int = 1000) -> list[torch.Size]:
     return [p.shape for p in model.parameters()]
 
 
-def timed(fn, iters: int, reset) -> tuple[float, object]:
-    out, times = None, []
-    for i in range(iters + 2):  # two warm-ups: lazy AdamW states, allocator
-        reset()
+class Timer:
+    """Fastest of the timed calls per part: the variants run interleaved, iteration by
+    iteration, so background load on a shared CPU hits them alike (and noise only adds time)."""
+
+    def __init__(self):
+        self.ms: dict[str, list[float]] = {}
+        self.record = False
+
+    def __call__(self, name: str, fn):
         t = time.perf_counter()
         out = fn()
-        if i >= 2:
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times), out
+        if self.record:
+            self.ms.setdefault(name, []).append((time.perf_counter() - t) * 1e3)
+        return out
+
+    def best(self, name: str) -> float:
+        return min(self.ms[name])
 
 
 def main() -> None:
@@ -88,53 +95,61 @@ def main() -> None:
                 local(p.grad).copy_(g).mul_(scale)
 
     grads = [p.grad for p in params]
-    it, mx = args.iters, args.max_norm
-    rows: list[tuple[str, float]] = []
-
-    # ---- bf16/fp32, before: norm, clip multiply, fused AdamW
+    mx, S = args.max_norm, 2.0 ** 16
     fused = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    t_norm, total = timed(lambda: get_total_norm(grads), it, reset)
-    if args.dtensor and isinstance(total, torch.distributed.tensor.DTensor):
-        total = total.full_tensor()
-    t_clip, _ = timed(lambda: clip_grads_with_norm_(params, mx, total), it, reset)
-    t_adam, _ = timed(fused.step, it, reset)
-    before = t_norm + t_clip + t_adam
-    rows += [("before  norm (get_total_norm)", t_norm), ("before  clip multiply", t_clip),
-             ("before  fused AdamW", t_adam), ("before  total", before)]
-
-    # ---- bf16/fp32, after: local-shard norm, AdamW with grad_scale = 1/c
-    t_norm2, total2 = timed(lambda: grad_norm(grads), it, reset)
-
-    def adam_scaled():
-        fused.grad_scale, fused.found_inf = 1.0 / clip_coef(total2, mx), None
-        fused.step()
-        del fused.grad_scale, fused.found_inf
-    t_adam2, _ = timed(adam_scaled, it, reset)
-    t_after, _ = timed(lambda: fused_clip_step(fused, params, mx), it, reset)
-    rows += [("after   norm (local shards)", t_norm2), ("after   fused AdamW + grad_scale", t_adam2),
-             ("after   total (fused_clip_step)", t_after)]
-    assert torch.allclose(total, total2, rtol=1e-5), (total, total2)
-
-    # ---- fp16, before: GradScaler unscale, norm, clip, for-loop AdamW
-    S = 2.0 ** 16
-    loop = torch.optim.AdamW(params, lr=1e-4)  # what ShardedGradScaler left: no fused, no foreach on CPU
-
-    def unscale():
-        found = torch.zeros(())
-        inv = torch.full((), 1.0 / S)
-        torch._amp_foreach_non_finite_check_and_unscale_([local(g) for g in grads], found, inv)
-        return found
-    t_unscale, _ = timed(unscale, it, lambda: reset(S))
-    t_loop, _ = timed(loop.step, it, reset)
-    fp16_before = t_unscale + t_norm + t_clip + t_loop
-    rows += [("fp16 before  unscale (inf check + mul)", t_unscale), ("fp16 before  for-loop AdamW", t_loop),
-             ("fp16 before  total (+ norm + clip above)", fp16_before)]
-
-    # ---- fp16, after: fused_clip_step with a LossScale (norm of the scaled grads, all in fused AdamW)
+    loop = torch.optim.AdamW(params, lr=1e-4)  # what ShardedGradScaler left for fp16: no fused, no foreach on CPU
     ls = LossScale(init_scale=S, growth_interval=10 ** 9)
-    t_fp16, _ = timed(lambda: fused_clip_step(fused, params, mx, loss_scale=ls), it, lambda: reset(S))
-    rows += [("fp16 after   total (fused_clip_step)", t_fp16)]
+    T = Timer()
 
+    def full(t):
+        return t.full_tensor() if args.dtensor and hasattr(t, "full_tensor") else t
+
+    def one_iteration():
+        # bf16/fp32 before: norm, clip multiply, fused AdamW
+        reset()
+        total = full(T("b.norm", lambda: get_total_norm(grads)))
+        T("b.clip", lambda: clip_grads_with_norm_(params, mx, total))
+        T("b.adam", fused.step)
+        # after: local-shard norm, then AdamW with grad_scale = 1/c (the parts, then the whole)
+        reset()
+        total2 = T("a.norm", lambda: grad_norm(grads))
+        fused.grad_scale, fused.found_inf = 1.0 / clip_coef(total2, mx), None
+        T("a.adam", fused.step)
+        del fused.grad_scale, fused.found_inf
+        assert torch.allclose(total, total2, rtol=1e-5), (total, total2)
+        reset()
+        T("a.total", lambda: fused_clip_step(fused, params, mx))
+        # fp16 before: GradScaler's unscale (inf check + multiply), norm, clip, for-loop AdamW
+        reset(S)
+
+        def unscale():
+            found = torch.zeros(())
+            torch._amp_foreach_non_finite_check_and_unscale_([local(g) for g in grads], found,
+                                                             torch.full((), 1.0 / S))
+            return found
+        T("h.unscale", unscale)
+        total = full(T("h.norm", lambda: get_total_norm(grads)))
+        T("h.clip", lambda: clip_grads_with_norm_(params, mx, total))
+        T("h.adam", loop.step)
+        # fp16 after: fused_clip_step with a LossScale (norm of the scaled grads; all in fused AdamW)
+        reset(S)
+        T("f.total", lambda: fused_clip_step(fused, params, mx, loss_scale=ls))
+
+    for i in range(args.iters + 1):  # the first: warm-up (lazy AdamW states, allocator)
+        T.record = i > 0
+        one_iteration()
+
+    b = T.best
+    before = b("b.norm") + b("b.clip") + b("b.adam")
+    fp16_before = b("h.unscale") + b("h.norm") + b("h.clip") + b("h.adam")
+    rows = [("before  norm (get_total_norm)", b("b.norm")), ("before  clip multiply", b("b.clip")),
+            ("before  fused AdamW", b("b.adam")), ("before  total", before),
+            ("after   norm (local shards)", b("a.norm")), ("after   fused AdamW + grad_scale", b("a.adam")),
+            ("after   total (fused_clip_step)", b("a.total")),
+            ("fp16 before  unscale (inf check + mul)", b("h.unscale")), ("fp16 before  norm", b("h.norm")),
+            ("fp16 before  clip multiply", b("h.clip")), ("fp16 before  for-loop AdamW", b("h.adam")),
+            ("fp16 before  total", fp16_before), ("fp16 after   total (fused_clip_step)", b("f.total"))]
+    t_after, t_fp16, t_norm, t_norm2 = b("a.total"), b("f.total"), b("b.norm"), b("a.norm")
     w = max(len(r) for r, _ in rows)
     for name, ms in rows:
         print(f"  {name:<{w}}  {ms:8.1f} ms")

@@ -114,7 +114,7 @@ def test_loss_scale_defaults_and_state_match_torch_gradscaler():
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
 def test_grad_norm_and_clip_match_torch_on_plain_tensors(norm_type):
     torch.manual_seed(0)
-    a = [nn.Parameter(torch.randn(s)) for s in [(7, 5), (3,), (4, 4, 2)]]
+    a = [nn.Parameter(torch.randn(s)) for s in [(7, 5), (3,), (4, 4, 2), (), (1, 5, 6)]]
     b = [nn.Parameter(p.detach().clone()) for p in a]
     for p, q in zip(a, b):
         p.grad = torch.randn(p.shape)
