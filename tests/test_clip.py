@@ -125,3 +125,44 @@ def test_grad_norm_and_clip_match_torch_on_plain_tensors(norm_type):
     for p, q in zip(a, b):
         torch.testing.assert_close(q.grad, p.grad)
     assert grad_norm([]).item() == 0.0
+
+
+def _engine_gemini_fp16() -> dict:
+    """The Engine wiring: gemini + fp16 gets a LossScale and a fused AdamW; an inf grad skips the step."""
+    import dataclasses
+
+    from vitboost.augment import soft_cross_entropy
+    from vitboost.config import TrainConfig
+    from vitboost.engine import Engine
+    from vitboost.model import build_model
+    from vitboost.parallel.dims import ParallelDims
+    from vitboost.parallel.plan import make_plan
+
+    cfg = TrainConfig(model="vit-micro", pretrained="none", plugin="gemini", batch_size=4, mixed_precision="fp32",
+                      max_grad_norm=0.01)
+    dims = ParallelDims(1)
+    dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None,
+                           device=torch.device("cpu"))
+    plan = dataclasses.replace(make_plan(cfg, "cpu", 1), precision="fp16")  # fp16 on CPU: past the CLI's check
+    engine = Engine(model, cfg, dims, plan, torch.device("cpu"), soft_cross_entropy)
+    x, y = torch.randn(4, 3, 32, 32), torch.eye(3)[torch.tensor([0, 1, 2, 0])]
+    params = engine.params
+    start = [p.full_tensor().clone() for p in params]
+    norm = engine.train_step([(x, y)])[1]
+    moved = not all(torch.equal(a, p.full_tensor()) for a, p in zip(start, params))
+    after_good = [p.full_tensor().clone() for p in params]
+    engine.forward_backward(x, y)
+    params[0].grad.to_local().view(-1)[0] = float("nan")
+    engine.step()
+    kept = all(torch.equal(a, p.full_tensor()) for a, p in zip(after_good, params))
+    return {"scaler": type(engine.scaler).__name__, "fused": engine.optimizer.defaults["fused"],
+            "moved": moved, "kept": kept, "scale": engine.scaler.get_scale(), "norm": norm.item()}
+
+
+def test_engine_gemini_fp16_uses_the_fused_clip_step():
+    rec, = run_distributed(_engine_gemini_fp16, 1)
+    assert rec["scaler"] == "LossScale" and rec["fused"]
+    assert rec["moved"] and rec["kept"] and rec["scale"] == S / 2
+    assert 0 < rec["norm"] < float("inf")
