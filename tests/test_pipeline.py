@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
 from tests.distributed import run_distributed  # noqa: E402
-from vitboost.parallel.pipeline import (  # noqa: E402
-    PipelineRunner, clip_grad_norm_, split_model)
+from vitboost.parallel.clip import clip_grad_norm_  # noqa: E402
+from vitboost.parallel.pipeline import PipelineRunner, split_model  # noqa: E402
 from vitboost.parallel.tensor import find_blocks  # noqa: E402
 
 STEPS, BATCH, LR, MAX_NORM = 5, 8, 1e-3, 0.5

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from .config import ConfigError, TrainConfig
 from .parallel.dims import ParallelDims
 from .parallel.parallelize import parallelize
-from .parallel.pipeline import PipelineRunner, clip_grad_norm_, split_model
+from .parallel.clip import LossScale, clip_grad_norm_, fused_clip_step
+from .parallel.pipeline import PipelineRunner, split_model
 from .parallel.plan import Plan
 from .parallel.zero import zero1_optimizer
 from .cuda_graph import GraphedStep
@@ -78,10 +79,11 @@ class Engine:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         groups = param_groups(self.model, self.cfg.weight_decay)
         kw: dict = dict(lr=self.cfg.lr, betas=(0.9, 0.999), eps=1e-8)
-        sharded_fp16 = self.plan.precision == "fp16" and self._sharded_scaler
+        sharded_fp16 = self.plan.precision == "fp16" and self._sharded_scaler and not self.plan.cpu_offload
         if (self.device.type == "cuda" or self.plan.cpu_offload) and not sharded_fp16:
-            # fused: one kernel for all params on GPU; on CPU (gemini) a vectorized, multi-threaded step.
-            # Not with ShardedGradScaler: it hands fused Adam a found_inf of shape [1], which it rejects.
+            # fused: one kernel for all params on GPU; on CPU (gemini) a vectorized, multi-threaded step that
+            # also applies the clip and fp16's unscale (fused_clip_step). Not with ShardedGradScaler: it hands
+            # fused Adam a found_inf of shape [1], which it rejects.
             kw["fused"] = True
         if self.plan.zero1:
             return zero1_optimizer(groups, self.dims.mesh["dp"], **kw)
@@ -90,6 +92,10 @@ class Engine:
     def _build_scaler(self):
         if self.plan.precision != "fp16":
             return None
+        if self.plan.cpu_offload:
+            # gemini: the scale lives on the CPU with the grads; unscale, clip and the inf/nan skip all
+            # ride in the fused CPU AdamW step (fused_clip_step), every rank agreeing through the global norm
+            return LossScale()
         if self._sharded_scaler:
             # sharded grads: every rank must agree on inf/nan, so the check is all-reduced
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
@@ -159,15 +165,19 @@ class Engine:
 
     def step(self) -> Tensor:
         """Clip, step, zero grads. Returns the global grad norm (a device tensor: no host sync)."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
         # the global norm over TP/FSDP shards and all pipeline stages; max_grad_norm <= 0: measure only
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        norm = clip_grad_norm_(self.params, max_norm, self.pp_group)
-        if self.scaler is not None:
+        if self.plan.cpu_offload:
+            # gemini: the clip factor (and fp16's unscale and inf/nan skip) rides in the fused CPU AdamW:
+            # one pass over the offloaded grads instead of two or three (README, benchmarks/cpu_step.py)
+            norm = fused_clip_step(self.optimizer, self.params, max_norm, self.pp_group, self.scaler)
+        elif self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = clip_grad_norm_(self.params, max_norm, self.pp_group)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
+            norm = clip_grad_norm_(self.params, max_norm, self.pp_group)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:

@@ -12,7 +12,7 @@ torchtitan, we build ``PipelineStage`` objects by hand:
 * :class:`PipelineRunner` builds stages and schedules over that model and exposes
   ``step()`` (train) and ``forward()`` (eval), with the loss returned on every
   pp rank.
-* :func:`clip_grad_norm_` clips by the norm over ALL pp ranks (and DTensor meshes).
+* Clipping by the norm over ALL pp ranks (and DTensor meshes) lives in :mod:`vitboost.parallel.clip`.
 
 Gradient scaling: schedules run with ``scale_grads=False`` and the loss of each
 microbatch is divided by ``n_microbatches`` before backward. With a mean
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["StageSpec", "split_model", "PipelineRunner", "clip_grad_norm_", "SCHEDULES"]
+from .clip import pp_process_group as _pp_group
+
+__all__ = ["StageSpec", "split_model", "PipelineRunner", "SCHEDULES"]
 
 SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")
 _MAX_CACHED_SCHEDULES = 8  # one per (train/eval, shape, dtype, autocast) seen
@@ -177,19 +179,6 @@ class _StageView(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return self.root(hidden, pp_stage=self.stage_index)
-
-
-def _pp_group(pp_mesh_or_group: DeviceMesh | dist.ProcessGroup | None) -> dist.ProcessGroup:
-    if pp_mesh_or_group is None:
-        return dist.group.WORLD
-    if isinstance(pp_mesh_or_group, DeviceMesh):
-        mesh = pp_mesh_or_group
-        if mesh.ndim > 1:
-            if not mesh.mesh_dim_names or "pp" not in mesh.mesh_dim_names:
-                raise ValueError("pass a 1-D pp mesh, or a mesh with a dimension named 'pp'")
-            mesh = mesh["pp"]
-        return mesh.get_group()
-    return pp_mesh_or_group
 
 
 def _autocast_key(device: torch.device) -> tuple:
@@ -343,43 +332,3 @@ class PipelineRunner:
         dist.broadcast(logits, src=self._last_global, group=self.group)
         _reshard(self.model_part)
         return logits[:b]
-
-
-# ----------------------------------------------------------------------------- clipping
-
-def clip_grad_norm_(params: Iterable[Tensor], max_norm: float,
-                    pp_group: DeviceMesh | dist.ProcessGroup | None = None,
-                    norm_type: float = 2.0, foreach: bool | None = None) -> Tensor:
-    """Clip gradients by their global norm over every pp rank (and over DTensor meshes:
-    FSDP shards / TP), so all ranks scale by the same factor a single process would.
-    ``pp_group=None``: no pp reduction (a plain DTensor-aware clip).
-
-    Returns the total norm (fp32 plain tensor, same on every rank).
-    """
-    from torch.distributed.tensor import DTensor
-
-    if pp_group is not None:
-        pp_group = _pp_group(pp_group)
-
-    params = [p for p in params if p.grad is not None]
-    norm_type = float(norm_type)
-    by_mesh: dict[object, list[Tensor]] = {}
-    for p in params:  # norms of DTensors on different meshes can't be mixed in one call
-        by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p.grad)
-    norms = []
-    for grads in by_mesh.values():
-        n = torch.nn.utils.get_total_norm(grads, norm_type, foreach=foreach)
-        norms.append((n.full_tensor() if isinstance(n, DTensor) else n).float())
-    device = norms[0].device if norms else (params[0].device if params else torch.device("cpu"))
-    total = (torch.nn.utils.get_total_norm(norms, norm_type) if norms
-             else torch.zeros((), device=device))
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        if norm_type == float("inf"):
-            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pp_group)
-        else:
-            total = total ** norm_type
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pp_group)
-            total = total ** (1.0 / norm_type)
-    if params:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=foreach)
-    return total

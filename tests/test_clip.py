@@ -1,0 +1,168 @@
+"""Gradient clipping (vitboost.parallel.clip): the global norm, and gemini's fused clip step.
+
+Gemini folds the clip factor (and fp16's loss-scale unscale and inf/nan skip) into the fused
+CPU AdamW as ``grad_scale``/``found_inf``. It must give the parameters of the unfused reference
+(norm, clip multiply, AdamW) on one process, with clipping active and inactive; under a loss
+scale a step with an inf gradient on ONE rank is skipped on every rank and halves the scale,
+and ``growth_interval`` good steps double it (torch GradScaler's schedule).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.distributed import run_distributed
+from vitboost.parallel.clip import LossScale, clip_grad_norm_, fused_clip_step, grad_norm
+
+STEPS, BATCH, LR, WD = 5, 8, 1e-2, 0.05
+S = 2.0 ** 16
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    # odd sizes: FSDP shards dim 0 unevenly over 2 ranks (padding must not count in the norm)
+    return nn.Sequential(nn.Linear(16, 33), nn.GELU(), nn.Linear(33, 17), nn.GELU(), nn.Linear(17, 4))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 16, generator=g), torch.randint(0, 4, (BATCH,), generator=g)) for _ in range(STEPS)]
+
+
+def _gemini_vs_reference(max_norm: float, loss_scale: bool, inf_step: int) -> dict:
+    """FSDP2 + CPU offload (as gemini) with fused_clip_step on this rank's half batch, and the
+    unfused single-process reference on the whole batch, side by side on every rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, ref = _model(), _model()
+    mesh = init_device_mesh("cpu", (world,))
+    kw = dict(mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    for layer in model[::2]:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, fused=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WD, foreach=False)
+    ls = LossScale(growth_interval=2) if loss_scale else None
+    rec: dict = {"norms": [], "ref_norms": [], "scales": [], "skipped_equal": None}
+    per = BATCH // world
+    for step, (x, y) in enumerate(_batches()):
+        loss = F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
+        (ls.scale(loss) if ls is not None else loss).backward()
+        if step == inf_step:
+            before = [p.full_tensor().clone() for p in params]
+            if rank == 1:  # one rank only: every rank must still skip
+                params[2].grad.to_local().view(-1)[0] = float("inf")
+        norm = fused_clip_step(opt, params, max_norm, None, ls)
+        opt.zero_grad(set_to_none=True)
+        if ls is not None:
+            rec["scales"].append(ls.get_scale())
+        if step == inf_step:
+            rec["skipped_equal"] = all(torch.equal(b, p.full_tensor()) for b, p in zip(before, params))
+            rec["inf_norm"] = norm.item()
+            continue
+        rec["norms"].append(norm.item())
+        F.cross_entropy(ref(x), y).backward()
+        rec["ref_norms"].append(torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm).item())
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    rec["params"] = [p.full_tensor() for p in params]
+    rec["ref_params"] = [p.detach().clone() for p in ref.parameters()]
+    rec["steps"] = [opt.state[p]["step"].item() for p in params]
+    return rec
+
+
+@pytest.mark.parametrize("max_norm", [0.05, float("inf")], ids=["clip_active", "clip_inactive"])
+def test_gemini_fused_clip_step_matches_unfused_reference(max_norm):
+    for rec in run_distributed(_gemini_vs_reference, 2, max_norm, False, -1):
+        if max_norm < 1:
+            assert min(rec["ref_norms"]) > max_norm, "clipping must be active"
+        torch.testing.assert_close(rec["norms"], rec["ref_norms"], rtol=1e-5, atol=0)
+        for a, b in zip(rec["params"], rec["ref_params"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gemini_loss_scale_skips_inf_step_on_every_rank_and_follows_gradscaler_schedule():
+    recs = run_distributed(_gemini_vs_reference, 2, 0.05, True, 1)
+    for rec in recs:
+        assert rec["skipped_equal"], "a step with an inf grad (on one rank) must leave the params as they were"
+        assert rec["inf_norm"] != rec["inf_norm"] or rec["inf_norm"] == float("inf")
+        # growth_interval 2: good, inf (x0.5), good, good (x2), good
+        assert rec["scales"] == [S, S / 2, S / 2, S, S]
+        assert rec["steps"] == [STEPS - 1] * len(rec["steps"])  # the skipped step is not counted by Adam
+        torch.testing.assert_close(rec["norms"], rec["ref_norms"], rtol=1e-5, atol=0)
+        for a, b in zip(rec["params"], rec["ref_params"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_scale_defaults_and_state_match_torch_gradscaler():
+    ours, theirs = LossScale(), torch.amp.GradScaler("cpu")
+    assert ours.state_dict() == theirs.state_dict()
+    for found in [0.0, 1.0] + [0.0] * 2000:
+        ours.update(torch.tensor(found))
+    assert ours.get_scale() == S  # halved once, then doubled after 2000 good steps
+    other = LossScale()
+    other.load_state_dict(ours.state_dict())
+    assert other.state_dict() == ours.state_dict()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_grad_norm_and_clip_match_torch_on_plain_tensors(norm_type):
+    torch.manual_seed(0)
+    a = [nn.Parameter(torch.randn(s)) for s in [(7, 5), (3,), (4, 4, 2), (), (1, 5, 6)]]
+    b = [nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn(p.shape)
+        q.grad = p.grad.clone()
+    want = torch.nn.utils.clip_grad_norm_(a, 0.5, norm_type)
+    got = clip_grad_norm_(b, 0.5, norm_type=norm_type)
+    torch.testing.assert_close(got, want)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q.grad, p.grad)
+    assert grad_norm([]).item() == 0.0
+
+
+def _engine_gemini_fp16() -> dict:
+    """The Engine wiring: gemini + fp16 gets a LossScale and a fused AdamW; an inf grad skips the step."""
+    import dataclasses
+
+    from vitboost.augment import soft_cross_entropy
+    from vitboost.config import TrainConfig
+    from vitboost.engine import Engine
+    from vitboost.model import build_model
+    from vitboost.parallel.dims import ParallelDims
+    from vitboost.parallel.plan import make_plan
+
+    cfg = TrainConfig(model="vit-micro", pretrained="none", plugin="gemini", batch_size=4, mixed_precision="fp32",
+                      max_grad_norm=0.01)
+    dims = ParallelDims(1)
+    dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None,
+                           device=torch.device("cpu"))
+    plan = dataclasses.replace(make_plan(cfg, "cpu", 1), precision="fp16")  # fp16 on CPU: past the CLI's check
+    engine = Engine(model, cfg, dims, plan, torch.device("cpu"), soft_cross_entropy)
+    x, y = torch.randn(4, 3, 32, 32), torch.eye(3)[torch.tensor([0, 1, 2, 0])]
+    params = engine.params
+    start = [p.full_tensor().clone() for p in params]
+    norm = engine.train_step([(x, y)])[1]
+    moved = not all(torch.equal(a, p.full_tensor()) for a, p in zip(start, params))
+    after_good = [p.full_tensor().clone() for p in params]
+    engine.forward_backward(x, y)
+    params[0].grad.to_local().view(-1)[0] = float("nan")
+    engine.step()
+    kept = all(torch.equal(a, p.full_tensor()) for a, p in zip(after_good, params))
+    return {"scaler": type(engine.scaler).__name__, "fused": engine.optimizer.defaults["fused"],
+            "moved": moved, "kept": kept, "scale": engine.scaler.get_scale(), "norm": norm.item()}
+
+
+def test_engine_gemini_fp16_uses_the_fused_clip_step():
+    rec, = run_distributed(_engine_gemini_fp16, 1)
+    assert rec["scaler"] == "LossScale" and rec["fused"]
+    assert rec["moved"] and rec["kept"] and rec["scale"] == S / 2
+    assert 0 < rec["norm"] < float("inf")
