@@ -49,15 +49,11 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-from .storage import io_failure, write_synced
+from .storage import CheckpointError, io_failure, write_synced
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 PREFIX, TMP_PREFIX, OLD_PREFIX = "step_", ".tmp_step_", ".old_step_"
 TRAINER_KEYS = ("step", "epoch", "batch_in_epoch", "scheduler")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read or written; str(e) is one line naming the folder and the fix."""
 
 
 class DamagedCheckpoint(CheckpointError):
@@ -385,6 +381,16 @@ def publish_finished() -> None:
                 _publish(done.tmp, done.final, done.keep)
         except BaseException as e:
             raise _write_failed(e, done.tmp, done.final) from None
+
+
+def writing() -> bool:
+    """Collective: whether a background write is still running on any rank (all ranks get the same answer)."""
+    busy = _pending is not None and not _pending.future.done()
+    if _world() == 1:
+        return busy
+    flags: list[bool | None] = [None] * _world()
+    dist.all_gather_object(flags, busy)
+    return any(flags)
 
 
 def finish_pending() -> None:
