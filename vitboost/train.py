@@ -207,7 +207,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
 
     def checkpoint(wait: bool = True) -> None:
         """Save this step, once (an epoch end can also be a --save_every step). wait=False: an epoch end
-        before the last, under --async_checkpoint, is skipped while the previous write still runs."""
+        before the last, which _writer_busy may skip."""
         if state.saved_step == step or (not wait and _writer_busy(cfg, step, say)):
             return
         state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
@@ -308,10 +308,11 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
 
 
 def _writer_busy(cfg: TrainConfig, step: int, say) -> bool:
-    """Collective. Whether an epoch-end checkpoint is skipped: under --async_checkpoint, while the previous
-    write still runs, rather than block training on it (a short run's epochs end faster than a write).
-    The last checkpoint of the run is never skipped, and the previous one stays until it is replaced."""
-    if not cfg.async_checkpoint or not writing():
+    """Collective. Whether a per-epoch checkpoint is skipped: under --async_checkpoint without --save_every
+    (then every checkpoint asked for is written), while the previous write still runs, rather than block
+    training on it: a short run's epochs end faster than a write. The run's last checkpoint is never
+    skipped, and the previous one stays until it is replaced."""
+    if not cfg.async_checkpoint or cfg.save_every or not writing():
         return False
     say(f"checkpoint: step {step} skipped, the previous checkpoint is still being written")
     return True
