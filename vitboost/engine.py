@@ -24,7 +24,6 @@ from .parallel.dims import ParallelDims
 from .parallel.parallelize import parallelize
 from .parallel.pipeline import PipelineRunner, clip_grad_norm_, split_model
 from .parallel.plan import Plan
-from .parallel.zero import zero1_optimizer
 from .cuda_graph import GraphedStep
 from .regularize import EMA
 
@@ -84,6 +83,7 @@ class Engine:
             # Not with ShardedGradScaler: it hands fused Adam a found_inf of shape [1], which it rejects.
             kw["fused"] = True
         if self.plan.zero1:
+            from .parallel.zero import zero1_optimizer  # torch.distributed.optim: ~0.2 s of imports, for ZeRO-1 only
             return zero1_optimizer(groups, self.dims.mesh["dp"], **kw)
         return torch.optim.AdamW(groups, **kw)
 
