@@ -320,9 +320,9 @@ def _writer_busy(cfg: TrainConfig, step: int, say) -> bool:
 
 def _unsharded(engine: Engine) -> bool:
     """Whether every rank holds the whole model as one module (one process, DDP, ZeRO-1), not pipeline
-    stages, FSDP or tensor-parallel shards."""
-    from torch.distributed.tensor import DTensor
-    return engine.runner is None and not any(isinstance(p, DTensor) for p in engine.model.parameters())
+    stages, FSDP or tensor-parallel shards. Read from the plan: FSDP's registered parameters are plain
+    tensors while unsharded after a forward (ZeRO-2 keeps them so)."""
+    return engine.plan.data_parallel != "fsdp" and not engine.dims.tp_enabled and not engine.dims.pp_enabled
 
 
 def _export(cfg: TrainConfig, engine: Engine, out: Path, final: Path, say) -> WriteError | None:
