@@ -292,8 +292,9 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
-    finish_pending()  # the final checkpoint is on disk before the process exits
     lap("export")
+    finish_pending()  # the final checkpoint is on disk before the process exits
+    lap("final_checkpoint")  # what its background write still took after the export
     summary["timings_s"] = timings
     summary["total_seconds"] = round(time.perf_counter() - launched, 2)
     if is_main:
