@@ -283,8 +283,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             log.evaluation(split, step, results[split], final=True)
     log.close()
     lap("final_eval")
-    if not _unsharded(engine):  # the same answer on every rank
-        finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before export reads it
+    finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before the export
+    lap("final_checkpoint")  # (which then has the disk to itself) and before the process exits
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
                "steps": step, "train_seconds": round(timings["train"], 2), "eval": results, "history": history,
@@ -293,8 +293,6 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
     lap("export")
-    finish_pending()  # the final checkpoint is on disk before the process exits
-    lap("final_checkpoint")  # what its background write still took after the export
     summary["timings_s"] = timings
     summary["total_seconds"] = round(time.perf_counter() - launched, 2)
     if is_main:
