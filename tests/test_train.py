@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,6 +198,80 @@ def test_summary_breaks_the_run_time_down_by_phase(tiny_beans, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(tiny_beans, out, "--epochs", "1")) == 0
     s = json.loads((out / "summary.json").read_text())
-    phases = ("startup", "data", "model_and_resume", "teacher", "train", "final_eval", "export")
+    phases = ("launch", "startup", "data", "model_and_resume", "teacher", "train", "final_eval", "final_checkpoint",
+              "export")
     assert tuple(s["timings_s"]) == phases and all(v >= 0 for v in s["timings_s"].values())
     assert abs(sum(s["timings_s"].values()) - s["total_seconds"]) < 0.1
+
+
+def test_the_launch_phase_starts_when_the_process_started():
+    import vitboost
+    from vitboost.cli import process_start
+    assert process_start() < vitboost.IMPORTED  # /proc says the process started before vitboost was imported
+
+
+@pytest.mark.parametrize("extra", [(), ("--ema", "0.9"), ("--lora_rank", "4", "--lr", "5e-3")],
+                         ids=["plain", "ema", "lora"])
+def test_a_run_exports_from_memory_what_the_checkpoint_export_writes_bitwise(extra, tiny_beans, tmp_path, monkeypatch):
+    """One process: the run ends by exporting the weights it holds (EMA when --ema, merged when LoRA), not by
+    reading back its last checkpoint; `vitboost export` of that checkpoint writes the same bytes."""
+    import vitboost.train
+
+    def unused(*a, **kw):
+        raise AssertionError("an unsharded run exports from memory, not from its checkpoint")
+
+    monkeypatch.setattr(vitboost.train, "export_checkpoint", unused)
+    run = tmp_path / "run"
+    assert main(train_args(tiny_beans, run, *extra)) == 0
+    monkeypatch.undo()
+    last = run / "checkpoints" / "step_00000006"
+    adapter = ["--adapter", str(tmp_path / "adapter")] if "--lora_rank" in extra else []
+    assert main(["export", "--checkpoint", str(last), "--output", str(tmp_path / "hf"), *adapter]) == 0
+    names = ["model.safetensors", "config.json", "preprocessor_config.json"]
+    for name in names:
+        assert (run / "model" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
+    if adapter:
+        name = "adapter_model.safetensors"
+        assert (run / "adapter" / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes()
+
+
+def test_a_per_epoch_checkpoint_never_waits_for_the_previous_write_and_the_run_still_resumes(
+        tiny_beans, tmp_path, monkeypatch, capsys):
+    """The step-3 write (end of epoch 1 of 3) is held until step 7: the epoch-2 checkpoint is skipped, not
+    waited for; the last one (step 9) is written, and a resume from step 3 ends where the run ended."""
+    import threading
+    from concurrent.futures import Future
+
+    import vitboost.checkpoint
+    import vitboost.train
+    gate, steps = threading.Event(), [0]
+    async_save, publish = vitboost.checkpoint.dcp.async_save, vitboost.train.publish_finished
+
+    def held(*a, **kw):
+        inner, outer = async_save(*a, **kw), Future()
+
+        def finish():
+            gate.wait(timeout=60)  # without the skip, the epoch-2 save waits this long, then the asserts fail
+            outer.set_result(inner.result())
+        threading.Thread(target=finish, daemon=True).start()
+        return outer
+
+    def count():  # called once after every step
+        steps[0] += 1
+        if steps[0] == 7:
+            gate.set()
+        publish()
+
+    monkeypatch.setattr(vitboost.checkpoint.dcp, "async_save", held)
+    monkeypatch.setattr(vitboost.train, "publish_finished", count)
+    run = tmp_path / "run"
+    assert main(train_args(tiny_beans, run, "--epochs", "3")) == 0
+    monkeypatch.undo()
+    assert "checkpoint: step 6 skipped, the previous checkpoint is still being written" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000009"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("model", "summary.json", "step_00000009"))
+    assert main(train_args(tiny_beans, resumed, "--epochs", "3", "--resume", "auto")) == 0
+    assert f"resumed from {resumed / 'checkpoints' / 'step_00000003'} at step 3" in capsys.readouterr().out
+    a, b = weights(run), weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .config import PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, make_config
@@ -134,12 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, launched: float) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     cfg = make_config(overrides, args.config)
     from .train import run
-    run(cfg)
+    run(cfg, launched)
     return 0
+
+
+def process_start() -> float:
+    """When this process started, on time.perf_counter's clock: from /proc/self/stat (Linux), so the
+    interpreter's own start-up counts; elsewhere, when the vitboost package was first imported."""
+    from . import IMPORTED
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return IMPORTED
+    return time.perf_counter() - age if age >= 0 else IMPORTED
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -166,26 +179,30 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .predict import export_checkpoint
+    from .export import export_checkpoint
     out = export_checkpoint(Path(args.checkpoint), Path(args.output), Path(args.adapter) if args.adapter else None)
     print(f"exported {out}" + (f" and the LoRA adapter to {args.adapter}" if args.adapter else ""))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """argv None: the command line of this process, whose start the launch phase counts from;
+    a list (an in-process call): the launch phase counts from this call."""
+    launched = process_start() if argv is None else time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
     from .data import DataError
     from .model import ModelError
     from .parallel.dims import LayoutError
     from .preempt import Preempted
-    from .storage import WriteError, describe_os_error
-    handlers = {"train": _train, "eval": _eval, "predict": _predict, "export": _export}
+    from .storage import CheckpointError, WriteError, describe_os_error
+    handlers = {"eval": _eval, "predict": _predict, "export": _export}
     try:
         if args.command == "bench":
             from .bench import run_bench
             return run_bench(args)
+        if args.command == "train":
+            return _train(args, launched)
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, LayoutError, CheckpointError, WriteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,11 @@ _HINTS = {
 }
 
 
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or written; str(e) is one line naming the folder and the fix.
+    Defined here, not in vitboost.checkpoint, so the CLI catches it without importing DCP."""
+
+
 class WriteError(Exception):
     """Something could not be written; str(e) is one line naming the path, the reason and what to do."""
 

@@ -3,6 +3,9 @@
     setup (process group, mesh, data, model, engine) -> resume? -> epochs of steps
       -> eval each epoch -> checkpoint -> final eval (validation, test) -> export, summary
 
+summary.json's ``timings_s`` breaks the run down by phase, from the process's start (``launch``:
+interpreter, imports, argument parsing) to the export.
+
 Every rank sees the same global batch indices (same seed); each data-parallel rank takes
 its contiguous slice, so a run on N GPUs computes the same global-batch mean loss as one
 process on the whole batch. Tensor and pipeline ranks of one dp group take the same slice.
@@ -18,11 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
 from .checkpoint import close as close_checkpoints
-from .checkpoint import finish_pending, publish_finished, resume_checkpoint, save_checkpoint
+from .checkpoint import finish_pending, publish_finished, resume_checkpoint, save_checkpoint, writing
 from .config import ConfigError, TrainConfig, check_patch_grid
 from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
 from .distill import check_teacher, make_distiller
@@ -30,7 +32,7 @@ from .engine import Engine, cosine_schedule
 from .evaluate import evaluate
 from .lora import apply_lora, check_resume as check_lora_resume
 from .model import Preprocess, build_model
-from .predict import export_checkpoint, save_run_config
+from .export import export_checkpoint, export_state, save_run_config
 from .regularize import apply_drop_path
 from .report import make_sinks
 from .parallel.dims import ParallelDims, init_distributed, world_info
@@ -112,9 +114,11 @@ class Logger:
             sink.close()
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, launched: float | None = None) -> dict:
+    """launched: when the process started (time.perf_counter's clock), for the ``launch`` phase."""
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}  # seconds per phase, for the end-to-end breakdown in summary.json
+    launched = t_start if launched is None else launched
+    timings = {"launch": round(t_start - launched, 3)}  # seconds per phase: the breakdown in summary.json
     last = t_start
 
     def lap(phase: str) -> None:
@@ -203,9 +207,10 @@ def train(cfg: TrainConfig) -> dict:
             and train_split.images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]):
         train_split = ImageSplit(train_split.images.to(device), train_split.labels.to(device))
 
-    def checkpoint() -> None:
-        """Save this step, once (an epoch end can also be a --save_every step)."""
-        if state.saved_step == step:
+    def checkpoint(wait: bool = True) -> None:
+        """Save this step, once (an epoch end can also be a --save_every step). wait=False: an epoch end
+        before the last, which _writer_busy may skip."""
+        if state.saved_step == step or (not wait and _writer_busy(cfg, step, say)):
             return
         state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
         layout = {"world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
@@ -220,6 +225,7 @@ def train(cfg: TrainConfig) -> dict:
     lap("teacher")
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
     live = is_main and cfg.progress and sys.stdout.isatty()
+    from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
     print_every = max(cfg.log_every, total_steps // 20)
     window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
@@ -265,8 +271,9 @@ def train(cfg: TrainConfig) -> dict:
                 log.evaluation("validation", step, m)
                 if is_main:
                     bar.write(f"epoch {epoch}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
-            if epoch % cfg.save_epochs == 0 or epoch == cfg.epochs or step >= total_steps:
-                checkpoint()
+            last_epoch = epoch == cfg.epochs or step >= total_steps
+            if epoch % cfg.save_epochs == 0 or last_epoch:
+                checkpoint(wait=last_epoch)
     bar.close()
     checkpoint()  # stopped by --max_steps, between --save_epochs or by a signal: keep the last state
     if preempt.stopped:
@@ -282,25 +289,18 @@ def train(cfg: TrainConfig) -> dict:
             log.evaluation(split, step, results[split], final=True)
     log.close()
     lap("final_eval")
-    finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before export reads it
+    finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before the export
+    lap("final_checkpoint")  # (which then has the disk to itself) and before the process exits
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
                "steps": step, "train_seconds": round(timings["train"], 2), "eval": results, "history": history,
                "skipped_images": data.skipped, **({"teacher": teacher} if teacher else {})}
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    export_error = None
-    if cfg.export and is_main:  # rank 0 rebuilds a plain HF model from the last checkpoint: any layout
-        try:  # the checkpoint this run ended with (a resumed run that saved nothing new: the newest that loads)
-            final = ckpt_root / f"step_{step:08d}"
-            adapter = out / "adapter" if cfg.lora_rank else None
-            export_checkpoint(final if final.is_dir() else out, out / "model", adapter)
-            say(f"model exported to {out / 'model'}" + (f", LoRA adapter to {adapter}" if adapter else ""))
-        except WriteError as e:  # e.g. a full disk: the summary below still keeps the results
-            export_error = e
+    export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
     lap("export")
     summary["timings_s"] = timings
-    summary["total_seconds"] = round(time.perf_counter() - t_start, 2)
+    summary["total_seconds"] = round(time.perf_counter() - launched, 2)
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plot:
@@ -310,6 +310,41 @@ def train(cfg: TrainConfig) -> dict:
     if export_error is not None:
         raise export_error
     return summary
+
+
+def _writer_busy(cfg: TrainConfig, step: int, say) -> bool:
+    """Collective. Whether a per-epoch checkpoint is skipped: under --async_checkpoint without --save_every
+    (then every checkpoint asked for is written), while the previous write still runs, rather than block
+    training on it: a short run's epochs end faster than a write. The run's last checkpoint is never
+    skipped, and the previous one stays until it is replaced."""
+    if not cfg.async_checkpoint or cfg.save_every or not writing():
+        return False
+    say(f"checkpoint: step {step} skipped, the previous checkpoint is still being written")
+    return True
+
+
+def _unsharded(engine: Engine) -> bool:
+    """Whether every rank holds the whole model as one module (one process, DDP, ZeRO-1), not pipeline
+    stages, FSDP or tensor-parallel shards. Read from the plan: FSDP's registered parameters are plain
+    tensors while unsharded after a forward (ZeRO-2 keeps them so)."""
+    return engine.plan.data_parallel != "fsdp" and not engine.dims.tp_enabled and not engine.dims.pp_enabled
+
+
+def _export(cfg: TrainConfig, engine: Engine, out: Path, final: Path, say) -> WriteError | None:
+    """Rank 0 writes <output>/model (and the LoRA adapter): from the weights in memory when the model is
+    one unsharded module, else rebuilt from the checkpoint the run ended with (any layout; a resumed run
+    that saved nothing new: the newest that loads). A storage failure is returned, to raise after the summary."""
+    adapter = out / "adapter" if cfg.lora_rank else None
+    try:
+        if _unsharded(engine):
+            with engine.eval_weights():  # the EMA weights when --ema
+                export_state(out, engine.model_state(), out / "model", adapter, final)
+        else:
+            export_checkpoint(final if final.is_dir() else out, out / "model", adapter)
+    except WriteError as e:  # e.g. a full disk: the summary still keeps the results
+        return e
+    say(f"model exported to {out / 'model'}" + (f", LoRA adapter to {adapter}" if adapter else ""))
+    return None
 
 
 def local_batches(split: ImageSplit | StreamingSplit, batches, dp: int, dp_rank: int):
@@ -392,10 +427,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig, launched: float | None = None) -> dict:
     """Entry point used by the CLI: tear the process group down whatever happens."""
     try:
-        return train(cfg)
+        return train(cfg, launched)
     finally:
         restore_signals()
         close_checkpoints()
