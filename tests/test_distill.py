@@ -54,6 +54,7 @@ def test_a_distilled_run_trains_its_teacher_once_and_exports_a_plain_vit(tiny_be
     assert summary["teacher"]["model"] == "resnet-tiny" and "trained" in summary["teacher"]["source"]
     assert 0 <= summary["teacher"]["validation_accuracy"] <= 1 and "teacher" in summary["timings_s"]
     assert json.loads((out / "teacher" / "config.json").read_text())["model_type"] == "resnet"
+    assert (out / "teacher" / "preprocessor_config.json").is_file()  # loads in transformers.pipeline too
     assert json.loads((out / "model" / "config.json").read_text())["architectures"] == ["ViTForImageClassification"]
     assert main([*args, "--resume", "auto"]) == 0  # picks up at step 3 with the teacher it saved
     summary = json.loads((out / "summary.json").read_text())

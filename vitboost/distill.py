@@ -28,6 +28,7 @@ from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
 from .config import ConfigError, TrainConfig
 from .data import ImageSplit, iterate_batches, num_batches
 from .evaluate import evaluate
+from .model import Preprocess, export_pretrained
 
 # named teachers: transformers ResNetConfig fields (basic blocks), smallest first
 TEACHERS = {
@@ -58,7 +59,7 @@ class Distiller:
 
 
 def make_distiller(cfg: TrainConfig, augment: GpuAugment, split, eval_splits: dict,
-                   label_names: list[str], mean, std, device: torch.device,
+                   label_names: list[str], pre: Preprocess, device: torch.device,
                    out: Path, is_main: bool, say) -> tuple[Distiller | None, dict | None]:
     """The teacher (loaded, or trained now) wrapped around ``augment``; (None, None) without distillation."""
     if cfg.distillation_type == "none":
@@ -67,6 +68,7 @@ def make_distiller(cfg: TrainConfig, augment: GpuAugment, split, eval_splits: di
         raise ConfigError("--distillation_type needs the decoded image cache, which does not fit in memory here; "
                           "use a smaller --image_size")
     dtype = torch.bfloat16 if device.type == "cuda" else None  # the teacher's own: fp16 would need a loss scale
+    mean, std = pre.mean, pre.std
     t0 = time.perf_counter()
     saved = out / "teacher"
     info: dict = {"model": cfg.teacher_model}
@@ -76,8 +78,8 @@ def make_distiller(cfg: TrainConfig, augment: GpuAugment, split, eval_splits: di
         teacher = _named(cfg.teacher_model, len(label_names), device, cfg.seed)
         _train(teacher, split, len(label_names), mean, std, cfg, dtype, device)
         info["source"] = f"trained {cfg.teacher_epochs} epochs here"
-        if is_main:
-            teacher.save_pretrained(saved)
+        if is_main:  # with the student's preprocessing: loads in transformers.pipeline, or as --teacher_model
+            export_pretrained(teacher, pre, saved)
     else:
         teacher, info["source"] = _load(Path(cfg.teacher_model), label_names, device), "loaded"
     for name in ("validation", "test"):  # reported, never used to choose anything

@@ -219,8 +219,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         state.saved_step = step
 
     lap("model_and_resume")
-    distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names,
-                                        pre.mean, pre.std, device, out, is_main, say)
+    distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names, pre, device, out,
+                                        is_main, say)
     inputs = distiller or augment  # (uint8 images, labels) -> (model inputs, targets)
     lap("teacher")
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
