@@ -114,6 +114,31 @@ class Logger:
             sink.close()
 
 
+class Meter:
+    """Loss and img/s of the steps since the last log row. The loss is summed on the device, so a step
+    costs no host sync; the one sync is the log row's (every --log_every steps)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.steps, self.images, self.since = torch.zeros((), device=self.device), 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.images += images
+
+    def row(self, step: int, epoch: int, lr: float, grad_norm: torch.Tensor, dp_group) -> dict:
+        """The metrics.jsonl row (loss averaged over the dp ranks), and a new window."""
+        loss = _dp_mean(self.loss / self.steps, dp_group)
+        row = {"step": step, "epoch": epoch, "loss": round(loss, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
+               "img_per_s": round(self.images / (time.perf_counter() - self.since), 1)}
+        self._reset()
+        return row
+
+
 def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     """launched: when the process started (time.perf_counter's clock), for the ``launch`` phase."""
     t_start = time.perf_counter()
@@ -228,7 +253,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
     print_every = max(cfg.log_every, total_steps // 20)
-    window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
+    meter = Meter(device)
     while epoch < cfg.epochs and step < total_steps and not preempt.stopped:
         batches = local_batches(train_split, iterate_batches(
             len(train_split), global_batch, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True,
@@ -242,20 +267,14 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             step_loss, grad_norm = engine.train_step(micro_batches)
             scheduler.step()
             step += 1
-            window_loss += step_loss
-            window_n += 1
-            window_imgs += global_batch * cfg.grad_accum
+            meter.add(step_loss, global_batch * cfg.grad_accum)
             if step % cfg.log_every == 0 or step == total_steps:
-                loss = _dp_mean(window_loss / window_n, dp_group)
-                elapsed = time.perf_counter() - window_t
-                row = {"step": step, "epoch": epoch + 1, "loss": round(loss, 6), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": round(float(grad_norm), 6), "img_per_s": round(window_imgs / elapsed, 1)}
+                row = meter.row(step, epoch + 1, scheduler.get_last_lr()[0], grad_norm, dp_group)
                 log(**row)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
                 if is_main and cfg.progress and not live and (step % print_every < cfg.log_every or step == total_steps):
-                    print(f"step {step}/{total_steps} epoch {epoch + 1} loss {loss:.4f} lr {row['lr']:.2e} "
+                    print(f"step {step}/{total_steps} epoch {epoch + 1} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                           f"grad_norm {row['grad_norm']:.3f} img/s {row['img_per_s']:.0f}", flush=True)
-                window_loss, window_n, window_t, window_imgs = torch.zeros((), device=device), 0, time.perf_counter(), 0
             bar.update(1)
             publish_finished()  # a background checkpoint write that ended takes its final name
             if cfg.save_every and step % cfg.save_every == 0:
