@@ -35,7 +35,7 @@ def identity(images, labels):
 def test_targets_mix_the_labels_with_the_teachers_predictions(kind):
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 0.5, 3.0]])
     taught = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]) if kind == "hard" else logits.softmax(-1)
-    distill = Distiller(identity, FixedTeacher(logits), kind, alpha=0.25, dtype=None)
+    distill = Distiller(identity, FixedTeacher(logits), kind, alpha=0.25)
     x = torch.zeros(2, 3, 4, 4)
     _, ids = distill(x, torch.tensor([1, 1]))  # class ids (no mixup) become one-hot first
     torch.testing.assert_close(ids, 0.75 * torch.tensor([[0, 1.0, 0], [0, 1.0, 0]]) + 0.25 * taught)

@@ -105,6 +105,10 @@ class StreamingSplit:
             raise DataError(f"cannot decode image {self.items[i].name} ({type(e).__name__}) while streaming; "
                             f"fix or remove it (--skip_bad_images needs the cached path, without --stream)") from None
 
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, labels) for these indices, decoded now (ImageSplit.take's interface)."""
+        return self.batch(idx), self.labels[idx]
+
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         return torch.stack(list(self._pool.map(self._decode, idx.tolist())))
 

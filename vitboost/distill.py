@@ -29,6 +29,7 @@ from .config import ConfigError, TrainConfig
 from .data import ImageSplit, iterate_batches, num_batches
 from .evaluate import evaluate
 from .model import Preprocess, export_pretrained
+from .predict import OnDevice, forward_logits
 
 # named teachers: transformers ResNetConfig fields (basic blocks), smallest first
 TEACHERS = {
@@ -42,8 +43,8 @@ TEACHER_LR = 2e-3  # AdamW, cosine, 5% warm-up: a from-scratch convnet on small 
 class Distiller:
     """augment(images, labels) -> (images, targets mixed with the teacher's predictions)."""
 
-    def __init__(self, augment: GpuAugment, teacher: nn.Module, kind: str, alpha: float, dtype: torch.dtype | None):
-        self.augment, self.teacher, self.kind, self.alpha, self.dtype = augment, teacher.eval(), kind, alpha, dtype
+    def __init__(self, augment: GpuAugment, teacher: nn.Module, kind: str, alpha: float):
+        self.augment, self.teacher, self.kind, self.alpha = augment, teacher.eval(), kind, alpha
 
     def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         x, y = self.augment(images, labels)
@@ -51,7 +52,7 @@ class Distiller:
 
     @torch.no_grad()
     def targets(self, x: Tensor, y: Tensor) -> Tensor:
-        logits = _logits(self.teacher, x, self.dtype)
+        logits = _logits(self.teacher, x)
         k = logits.shape[-1]
         taught = F.one_hot(logits.argmax(-1), k).float() if self.kind == "hard" else logits.softmax(-1)
         y = y.float() if y.is_floating_point() else F.one_hot(y, k).float()
@@ -67,7 +68,6 @@ def make_distiller(cfg: TrainConfig, augment: GpuAugment, split, eval_splits: di
     if not isinstance(split, ImageSplit):
         raise ConfigError("--distillation_type needs the decoded image cache, which does not fit in memory here; "
                           "use a smaller --image_size")
-    dtype = torch.bfloat16 if device.type == "cuda" else None  # the teacher's own: fp16 would need a loss scale
     mean, std = pre.mean, pre.std
     t0 = time.perf_counter()
     saved = out / "teacher"
@@ -76,7 +76,7 @@ def make_distiller(cfg: TrainConfig, augment: GpuAugment, split, eval_splits: di
         teacher, info["source"] = _load(saved, label_names, device), f"loaded from {saved}"
     elif cfg.teacher_model in TEACHERS:
         teacher = _named(cfg.teacher_model, len(label_names), device, cfg.seed)
-        _train(teacher, split, len(label_names), mean, std, cfg, dtype, device)
+        _train(teacher, split, len(label_names), mean, std, cfg, device)
         info["source"] = f"trained {cfg.teacher_epochs} epochs here"
         if is_main:  # with the student's preprocessing: loads in transformers.pipeline, or as --teacher_model
             export_pretrained(teacher, pre, saved)
@@ -84,14 +84,14 @@ def make_distiller(cfg: TrainConfig, augment: GpuAugment, split, eval_splits: di
         teacher, info["source"] = _load(Path(cfg.teacher_model), label_names, device), "loaded"
     for name in ("validation", "test"):  # reported, never used to choose anything
         if name in eval_splits:
-            m = evaluate(_Eval(teacher, device, dtype), eval_splits[name], label_names,
+            m = evaluate(OnDevice(teacher, device), eval_splits[name], label_names,
                          batch_size=cfg.eval_batch_size, mean=mean, std=std)
             info[f"{name}_accuracy"] = round(m["accuracy"], 4)
     info["seconds"] = round(time.perf_counter() - t0, 2)
     scores = ", ".join(f"{k.split('_')[0]} {v}" for k, v in info.items() if k.endswith("_accuracy")) or "no eval split"
     say(f"teacher: {cfg.teacher_model} ({info['source']}, {info['seconds']:.1f} s), accuracy {scores}; "
         f"{cfg.distillation_type} distillation, alpha {cfg.distillation_alpha}")
-    return Distiller(augment, teacher, cfg.distillation_type, cfg.distillation_alpha, dtype), info
+    return Distiller(augment, teacher, cfg.distillation_type, cfg.distillation_alpha), info
 
 
 def check_teacher(cfg: TrainConfig) -> None:
@@ -126,7 +126,7 @@ def _load(folder: Path, label_names: list[str], device: torch.device) -> nn.Modu
 
 
 def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cfg: TrainConfig,
-           dtype: torch.dtype | None, device: torch.device) -> None:
+           device: torch.device) -> None:
     """A plain loop, the same on every rank (same seed, same batches), then rank 0's weights everywhere."""
     from .engine import cosine_schedule
     augment = GpuAugment(AugmentConfig.preset("light").with_(label_smoothing=0.1), num_labels, mean, std,
@@ -139,7 +139,7 @@ def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cf
     for epoch in range(cfg.teacher_epochs):
         for idx in iterate_batches(len(split), batch, shuffle=True, seed=cfg.seed + 7919, epoch=epoch, drop_last=True):
             x, y = augment(*(t.to(device, non_blocking=True) for t in split.take(idx)))
-            loss = soft_cross_entropy(_logits(teacher, x, dtype), y)
+            loss = soft_cross_entropy(_logits(teacher, x), y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -150,18 +150,7 @@ def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cf
             dist.broadcast(t, src=0)
 
 
-def _logits(model: nn.Module, x: Tensor, dtype: torch.dtype | None) -> Tensor:
-    x = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        return model(pixel_values=x).logits.float()
-
-
-class _Eval:
-    """What evaluate() needs from a model: .device and .logits()."""
-
-    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None):
-        self.model, self.device, self.dtype = model, device, dtype
-
-    @torch.no_grad()
-    def logits(self, images: Tensor) -> Tensor:
-        return _logits(self.model, images, self.dtype)
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    """The teacher's fp32 logits (bf16 on a GPU whatever the student's precision: fp16 would need a
+    loss scale), its input in the channels-last layout its weights have."""
+    return forward_logits(model, x.contiguous(memory_format=torch.channels_last))

@@ -6,7 +6,6 @@ agree.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -16,26 +15,37 @@ from .evaluate import evaluate
 from .model import ModelError, read_preprocess
 
 
-class LocalModel:
+def forward_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of an HF image classifier, under bf16 autocast on a GPU."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=images.device.type == "cuda"):
+        return model(pixel_values=images).logits.float()
+
+
+class OnDevice:
     """A plain model on one device, with the two things evaluate() needs: .device and .logits()."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model, device
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return forward_logits(self.model, images)
+
+
+class LocalModel(OnDevice):
+    """A trained model folder (an export), on one device, with its preprocessing and label names."""
 
     def __init__(self, folder: str, device: str = "auto"):
         from transformers import ViTForImageClassification
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
+        device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                              "cpu" if device == "auto" else device)
         path = Path(folder).expanduser()
         if not (path / "config.json").is_file():
             raise ModelError(f"--model {folder} is not a trained model folder (no config.json); "
                              f"pass <output>/model from a run, or export one with `vitboost export`")
-        self.model = ViTForImageClassification.from_pretrained(path).to(self.device).eval()
+        super().__init__(ViTForImageClassification.from_pretrained(path).to(device).eval(), device)
         self.pre = read_preprocess(path, self.model.config.image_size)
         self.label_names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-
-    @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
-        with ctx:
-            return self.model(pixel_values=images).logits.float()
 
 
 class Predictor(LocalModel):

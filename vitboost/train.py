@@ -371,7 +371,7 @@ def local_batches(split: ImageSplit | StreamingSplit, batches, dp: int, dp_rank:
     split decodes the next batch in a background thread while the current one trains."""
     def fetch(global_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = global_batch.chunk(dp)[dp_rank]
-        return split.take(idx) if isinstance(split, ImageSplit) else (split.batch(idx), split.labels[idx])
+        return split.take(idx)
 
     if not isinstance(split, StreamingSplit):
         yield from map(fetch, batches)
