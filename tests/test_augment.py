@@ -271,6 +271,7 @@ def test_cuda_call_never_syncs() -> None:
     try:
         for _ in range(3):
             aug(images, labels)
+            aug(images, labels, groups=4)          # a chunk of 4 batches (vitboost.batches)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

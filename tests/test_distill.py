@@ -27,7 +27,7 @@ class FixedTeacher(nn.Module):
         return type("Out", (), {"logits": self.out})()
 
 
-def identity(images, labels):
+def identity(images, labels, groups=1):
     return images, labels
 
 
@@ -99,3 +99,37 @@ def test_distillation_under_pipeline_parallel_reproduces_one_process(tiny_beans,
     assert_same(ref, pp)
     teachers = [json.loads((run / "summary.json").read_text())["teacher"] for run in (ref, pp)]
     assert teachers[0]["validation_accuracy"] == teachers[1]["validation_accuracy"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_teacher_trains_as_one_graph_and_distilled_chunks_never_wait_for_the_device():
+    from vitboost.augment import AugmentConfig, GpuAugment
+    from vitboost.batches import TrainBatches
+    from vitboost.config import TrainConfig
+    from vitboost.data import ImageSplit
+    from vitboost.distill import _named, _train
+
+    device = torch.device("cuda", 0)
+    g = torch.Generator().manual_seed(0)
+    split = ImageSplit(torch.randint(0, 256, (64, 3, 32, 32), generator=g, dtype=torch.uint8).to(device),
+                       (torch.arange(64) % 3).to(device))
+    mean, std = (0.5,) * 3, (0.25,) * 3
+    teacher = _named("resnet-tiny", 3, device, seed=0)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    _train(teacher, split, 3, mean, std, TrainConfig(batch_size=16, teacher_epochs=4, seed=0), device)
+    after = list(teacher.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))  # the replayed graph did update every weight
+    augment = GpuAugment(AugmentConfig.preset("strong"), 3, mean, std, seed=0, device=device)
+    batches = TrainBatches(split, augment, Distiller(augment, teacher, "hard", 0.5), global_batch=16, per_epoch=4,
+                           dp=1, dp_rank=0, seed=0, image_size=32, device=device)
+    list(batches.epoch(0))  # the first chunk uploads constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [y for epoch in (1, 2) for _, y in batches.epoch(epoch)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(got) == 8
+    for y in got:
+        torch.testing.assert_close(y.sum(1), torch.ones(16, device=device))

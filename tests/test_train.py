@@ -198,10 +198,12 @@ def test_summary_breaks_the_run_time_down_by_phase(tiny_beans, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(tiny_beans, out, "--epochs", "1")) == 0
     s = json.loads((out / "summary.json").read_text())
-    phases = ("launch", "startup", "data", "model_and_resume", "teacher", "train", "final_eval", "final_checkpoint",
+    phases = ("launch", "startup", "data", "model", "teacher", "resume", "train", "final_eval", "final_checkpoint",
               "export")
     assert tuple(s["timings_s"]) == phases and all(v >= 0 for v in s["timings_s"].values())
     assert abs(sum(s["timings_s"].values()) - s["total_seconds"]) < 0.1
+    before_accuracy = sum(v for k, v in s["timings_s"].items() if k not in ("final_checkpoint", "export"))
+    assert abs(s["seconds_to_accuracy"] - before_accuracy) < 0.1  # the accuracy is printed before those two
 
 
 def test_the_launch_phase_starts_when_the_process_started():

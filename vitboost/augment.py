@@ -333,13 +333,16 @@ class GpuAugment:
         return self._normalize(self._to_float(images_uint8))
 
     @torch.no_grad()
-    def __call__(self, images_uint8: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def __call__(self, images_uint8: Tensor, labels: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
         """uint8 [B,3,H,W] -> (normalised float32 [B,3,H,W], targets).
 
         Targets are int64 class ids unless mixup/cutmix/label smoothing is on,
-        then float [B, num_classes] rows summing to 1.
+        then float [B, num_classes] rows summing to 1. ``groups``: the images are
+        that many batches of equal size (vitboost.batches), each mixed on its own.
         """
         cfg = self.cfg
+        if images_uint8.shape[0] % groups:
+            raise ValueError(f"{images_uint8.shape[0]} images do not split into {groups} equal batches")
         x = self._to_float(images_uint8)
         dev = x.device
         noise_gen = self._noise_generator(dev)
@@ -356,9 +359,9 @@ class GpuAugment:
             x = self._random_erase(x, noise_gen)
         if not cfg.soft_targets:
             return x, labels
-        lam = 1.0
-        if cfg.mixes and x.shape[0] > 1:
-            x, lam = self._mix(x)
+        lam = torch.ones(groups)
+        if cfg.mixes and x.shape[0] > groups:
+            x, lam = self._mix(x, groups)
         return x, self._targets(labels, lam)
 
     # -- helpers -----------------------------------------------------------------------
@@ -595,42 +598,57 @@ class GpuAugment:
         g = torch._standard_gamma(torch.full((2,), float(alpha), dtype=torch.float64), generator=self._host)
         return float(g[0] / g.sum()) if g.sum() > 0 else 0.5
 
-    def _mix(self, x: Tensor) -> tuple[Tensor, float]:
-        """timm Mixup(mode='batch', correct_lam=True): mix with the flipped batch.
+    def _mix(self, x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+        """timm Mixup(mode='batch', correct_lam=True) in each of ``groups`` batches: mix it with itself flipped.
 
-        The decision and lambda live on the host, as in timm, so cutmix is a
-        plain slice copy and nothing waits on the device.
+        The decisions, lambdas and boxes are drawn on the host, as in timm, one batch after the other;
+        the device then blends every batch at once with one weight map (mixup: 1 - lam everywhere,
+        cutmix: 1 in the box, no mix: 0), so nothing waits on the device. Returns the lambdas [groups].
         """
         cfg = self.cfg
-        _, _, H, W = x.shape
-        if not float(self._u(1)) < cfg.mix_prob:
-            return x, 1.0
-        if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
-            use_cut = float(self._u(1)) < 0.5   # timm switch_prob
-        else:
-            use_cut = cfg.cutmix_alpha > 0
-        if not use_cut:
-            lam = self._beta(cfg.mixup_alpha)
-            flipped = x.flip(0)   # a copy, taken before x is scaled in place
-            return x.mul_(lam).add_(flipped, alpha=1.0 - lam), lam
-        lam = self._beta(cfg.cutmix_alpha)
-        cut_rat = math.sqrt(1.0 - lam)   # timm rand_bbox
-        ch, cw = int(H * cut_rat), int(W * cut_rat)
-        cy, cx = int(self._u(1) * H), int(self._u(1) * W)
-        y0, y1 = min(max(cy - ch // 2, 0), H), min(max(cy + ch // 2, 0), H)
-        x0, x1 = min(max(cx - cw // 2, 0), W), min(max(cx + cw // 2, 0), W)
-        x[:, :, y0:y1, x0:x1] = x[:, :, y0:y1, x0:x1].flip(0)
-        return x, 1.0 - (y1 - y0) * (x1 - x0) / (H * W)   # area-corrected lambda
+        _, C, H, W = x.shape
+        rows, lams = [], []
+        for _ in range(groups):
+            box, weight, lam = (0, H, 0, W), 0.0, 1.0
+            if float(self._u(1)) < cfg.mix_prob:
+                if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
+                    use_cut = float(self._u(1)) < 0.5   # timm switch_prob
+                else:
+                    use_cut = cfg.cutmix_alpha > 0
+                if not use_cut:
+                    lam = self._beta(cfg.mixup_alpha)
+                    weight = 1.0 - lam
+                else:
+                    cut_rat = math.sqrt(1.0 - self._beta(cfg.cutmix_alpha))   # timm rand_bbox
+                    ch, cw = int(H * cut_rat), int(W * cut_rat)
+                    cy, cx = int(self._u(1) * H), int(self._u(1) * W)
+                    box = (min(max(cy - ch // 2, 0), H), min(max(cy + ch // 2, 0), H),
+                           min(max(cx - cw // 2, 0), W), min(max(cx + cw // 2, 0), W))
+                    weight, lam = 1.0, 1.0 - (box[1] - box[0]) * (box[3] - box[2]) / (H * W)  # area-corrected
+            rows.append((*box, weight))
+            lams.append(lam)
+        if all(r[-1] == 0.0 for r in rows):
+            return x, torch.ones(groups)
+        p = self._upload(torch.tensor(rows), x.device).view(groups, 5, 1, 1)
+        ys = torch.arange(H, device=x.device).view(1, H, 1)
+        xs = torch.arange(W, device=x.device).view(1, 1, W)
+        inside = (ys >= p[:, 0]) & (ys < p[:, 1]) & (xs >= p[:, 2]) & (xs < p[:, 3])  # [groups, H, W]
+        weight = (inside * p[:, 4]).view(groups, 1, 1, H, W)
+        batches = x.view(groups, -1, C, H, W)
+        batches.lerp_(batches.flip(1), weight)  # weight 0 or 1 gives x or its partner exactly
+        return x, torch.tensor(lams)
 
-    def _targets(self, labels: Tensor, lam: float) -> Tensor:
-        """timm mixup_target: smoothed one-hot, mixed with the flipped batch by lam."""
+    def _targets(self, labels: Tensor, lam: Tensor) -> Tensor:
+        """timm mixup_target: smoothed one-hot, mixed with the flipped batch by each batch's lam."""
         K, s = self.num_classes, self.cfg.label_smoothing
         off = s / K
         y = torch.full((labels.shape[0], K), off, device=labels.device)
         y.scatter_(1, labels.view(-1, 1), 1.0 - s + off)
-        if lam == 1.0:
+        if bool((lam == 1.0).all()):
             return y
-        return y.mul(lam).add_(y.flip(0), alpha=1.0 - lam)
+        batches = y.view(lam.numel(), -1, K)
+        lam = self._upload(lam, y.device).view(-1, 1, 1)
+        return (batches * lam).add_(batches.flip(1) * (1.0 - lam)).view(-1, K)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:

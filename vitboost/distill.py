@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
 from .config import ConfigError, TrainConfig
-from .data import ImageSplit, iterate_batches, num_batches
+from .data import ImageSplit, num_batches
 from .evaluate import evaluate
 from .model import Preprocess, export_pretrained
 from .predict import OnDevice, forward_logits
@@ -46,8 +46,8 @@ class Distiller:
     def __init__(self, augment: GpuAugment, teacher: nn.Module, kind: str, alpha: float):
         self.augment, self.teacher, self.kind, self.alpha = augment, teacher.eval(), kind, alpha
 
-    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        x, y = self.augment(images, labels)
+    def __call__(self, images: Tensor, labels: Tensor, groups: int = 1) -> tuple[Tensor, Tensor]:
+        x, y = self.augment(images, labels, groups=groups)
         return x, self.targets(x, y)
 
     @torch.no_grad()
@@ -127,22 +127,34 @@ def _load(folder: Path, label_names: list[str], device: torch.device) -> nn.Modu
 
 def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cfg: TrainConfig,
            device: torch.device) -> None:
-    """A plain loop, the same on every rank (same seed, same batches), then rank 0's weights everywhere."""
+    """A plain loop, the same on every rank (same seed, same batches), then rank 0's weights everywhere.
+    On a GPU its step is one CUDA graph and its batches come a chunk at a time, like the student's:
+    a small convnet's step is bound by the host too."""
+    from .batches import TrainBatches
+    from .cuda_graph import GraphedStep
     from .engine import cosine_schedule
+    seed = cfg.seed + 7919
     augment = GpuAugment(AugmentConfig.preset("light").with_(label_smoothing=0.1), num_labels, mean, std,
-                         seed=cfg.seed + 7919, device=device)
+                         seed=seed, device=device)
     batch = min(cfg.batch_size, len(split))
     steps = num_batches(len(split), batch, drop_last=True)
+    batches = TrainBatches(split, augment, augment, global_batch=batch, per_epoch=steps, dp=1, dp_rank=0, seed=seed,
+                           image_size=split.images.shape[-1], device=device)
     opt = torch.optim.AdamW(teacher.parameters(), lr=TEACHER_LR, weight_decay=0.05, fused=device.type == "cuda")
     schedule = cosine_schedule(opt, cfg.teacher_epochs * steps, 0.05)
+
+    def one_step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        loss = soft_cross_entropy(_logits(teacher, x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach(), loss.detach()
+
+    step = GraphedStep(one_step, opt) if device.type == "cuda" else one_step
     teacher.train()
     for epoch in range(cfg.teacher_epochs):
-        for idx in iterate_batches(len(split), batch, shuffle=True, seed=cfg.seed + 7919, epoch=epoch, drop_last=True):
-            x, y = augment(*(t.to(device, non_blocking=True) for t in split.take(idx)))
-            loss = soft_cross_entropy(_logits(teacher, x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        for x, y in batches.epoch(epoch):
+            step(x, y)
             schedule.step()
     teacher.eval()
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -16,17 +16,17 @@ import json
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
+from .batches import TrainBatches
 from .checkpoint import close as close_checkpoints
 from .checkpoint import finish_pending, publish_finished, resume_checkpoint, save_checkpoint, writing
 from .config import ConfigError, TrainConfig, check_patch_grid
-from .data import ImageDataset, ImageSplit, StreamingSplit, iterate_batches, load_image_dataset, num_batches
+from .data import ImageDataset, ImageSplit, load_image_dataset, num_batches
 from .distill import check_teacher, make_distiller
 from .engine import Engine, cosine_schedule
 from .evaluate import evaluate
@@ -205,11 +205,22 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     aug_cfg = AugmentConfig.preset(cfg.augment).with_(**{k: v for k, v in overrides.items() if v is not None})
     augment = GpuAugment(aug_cfg, len(data.label_names), pre.mean, pre.std, seed=cfg.seed + 1000 * dp_rank,
                          device=device)
+    # keep the cached uint8 training images on the GPU when they fit in a small slice of it
+    if (isinstance(train_split, ImageSplit) and device.type == "cuda"
+            and train_split.images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]):
+        train_split = ImageSplit(train_split.images.to(device), train_split.labels.to(device))
+    lap("model")
+    distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names, pre, device, out,
+                                        is_main, say)
+    lap("teacher")
+    batches = TrainBatches(train_split, augment, distiller or augment, global_batch=global_batch,
+                           per_epoch=steps_per_epoch * cfg.grad_accum, dp=dims.dp, dp_rank=dp_rank, seed=cfg.seed,
+                           image_size=size, device=device)
 
     # resume: the newest checkpoint that loads (--resume auto) or the one named
     ckpt_root = out / "checkpoints"
     preempt = Preemption(every=cfg.log_every)  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit
-    state = TrainState(scheduler, augment, device, engine.scaler)
+    state = TrainState(scheduler, batches, device, engine.scaler)
     history: list[dict] = []
     found = resume_checkpoint(cfg.resume, ckpt_root, engine, say) if cfg.resume else None
     if found:
@@ -227,11 +238,6 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     log = Logger(out / "metrics.jsonl" if is_main else None, make_sinks(
         cfg.report_to, out, data.label_names, step if found else None, say) if is_main else None)
 
-    # keep the cached uint8 training images on the GPU when they fit in a small slice of it
-    if (isinstance(train_split, ImageSplit) and device.type == "cuda"
-            and train_split.images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]):
-        train_split = ImageSplit(train_split.images.to(device), train_split.labels.to(device))
-
     def checkpoint(wait: bool = True) -> None:
         """Save this step, once (an epoch end can also be a --save_every step). wait=False: an epoch end
         before the last, which _writer_busy may skip."""
@@ -243,11 +249,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                         keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
         state.saved_step = step
 
-    lap("model_and_resume")
-    distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names, pre, device, out,
-                                        is_main, say)
-    inputs = distiller or augment  # (uint8 images, labels) -> (model inputs, targets)
-    lap("teacher")
+    lap("resume")
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
     live = is_main and cfg.progress and sys.stdout.isatty()
     from tqdm.auto import tqdm
@@ -255,14 +257,11 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     print_every = max(cfg.log_every, total_steps // 20)
     meter = Meter(device)
     while epoch < cfg.epochs and step < total_steps and not preempt.stopped:
-        batches = local_batches(train_split, iterate_batches(
-            len(train_split), global_batch, shuffle=True, seed=cfg.seed, epoch=epoch, drop_last=True,
-            start=batch_in_epoch), dims.dp, dp_rank)
+        inputs = batches.epoch(epoch, start=batch_in_epoch)  # (model inputs, targets) on the device
         while batch_in_epoch + cfg.grad_accum <= steps_per_epoch * cfg.grad_accum and step < total_steps:
             micro_batches = []
             for _ in range(cfg.grad_accum):
-                images, labels = next(batches)
-                micro_batches.append(inputs(images.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
+                micro_batches.append(next(inputs))
                 batch_in_epoch += 1
             step_loss, grad_norm = engine.train_step(micro_batches)
             scheduler.step()
@@ -308,6 +307,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             log.evaluation(split, step, results[split], final=True)
     log.close()
     lap("final_eval")
+    to_accuracy = round(last - launched, 2)  # launch to printed accuracy: what a user waits for
     finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before the export
     lap("final_checkpoint")  # (which then has the disk to itself) and before the process exits
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
@@ -319,7 +319,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
     lap("export")
     summary["timings_s"] = timings
-    summary["total_seconds"] = round(time.perf_counter() - launched, 2)
+    summary["seconds_to_accuracy"], summary["total_seconds"] = to_accuracy, round(time.perf_counter() - launched, 2)
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plot:
@@ -364,27 +364,6 @@ def _export(cfg: TrainConfig, engine: Engine, out: Path, final: Path, say) -> Wr
         return e
     say(f"model exported to {out / 'model'}" + (f", LoRA adapter to {adapter}" if adapter else ""))
     return None
-
-
-def local_batches(split: ImageSplit | StreamingSplit, batches, dp: int, dp_rank: int):
-    """(uint8 images, labels) of this dp rank's contiguous slice of each global batch. A streamed
-    split decodes the next batch in a background thread while the current one trains."""
-    def fetch(global_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = global_batch.chunk(dp)[dp_rank]
-        return split.take(idx)
-
-    if not isinstance(split, StreamingSplit):
-        yield from map(fetch, batches)
-        return
-    with ThreadPoolExecutor(1) as pool:
-        pending = None
-        for b in batches:
-            ahead = pool.submit(fetch, b)
-            if pending is not None:
-                yield pending.result()
-            pending = ahead
-        if pending is not None:
-            yield pending.result()
 
 
 def _load_data(cfg: TrainConfig, size: int, is_main: bool, say) -> ImageDataset:

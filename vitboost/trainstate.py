@@ -19,7 +19,7 @@ import torch
 @dataclass
 class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    augment: Any  # GpuAugment: its generators are part of the stream
+    augment: Any  # TrainBatches: the augmentation's generators (as of the current chunk's start) are part of the stream
     device: torch.device
     scaler: Any = None  # GradScaler under fp16
     step: int = 0  # optimizer steps done
