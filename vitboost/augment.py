@@ -230,18 +230,17 @@ def _theta(m: Tensor, H: int, W: int) -> Tensor:
 
 
 def _affine_grid(theta: Tensor, H: int, W: int) -> Tensor:
-    """F.affine_grid(theta, align_corners=False); on CPU built by broadcasting.
+    """F.affine_grid(theta, align_corners=False), built by broadcasting on any device.
 
-    The broadcast form is ~4x faster than affine_grid's batched matmul on CPU;
-    on accelerators affine_grid is one kernel, which is what matters there.
+    Why: affine_grid materializes a base grid [B, H, W, 3] and runs a batched fp32 matmul over it:
+    ~4x slower than this on CPU, and 1.7 ms for a chunk of 1,024 160 px images on an H200
+    (BENCHMARKS.md section 20), where this is a few elementwise kernels.
     """
     B, dev = theta.shape[0], theta.device
-    if dev.type != "cpu":
-        return F.affine_grid(theta, [B, 1, H, W], align_corners=False)
-    u = (torch.arange(W, dtype=theta.dtype) * 2 + 1) / W - 1   # pixel centres in [-1, 1]
-    v = ((torch.arange(H, dtype=theta.dtype) * 2 + 1) / H - 1).view(H, 1)
+    u = (torch.arange(W, dtype=theta.dtype, device=dev) * 2 + 1) / W - 1   # pixel centres in [-1, 1]
+    v = ((torch.arange(H, dtype=theta.dtype, device=dev) * 2 + 1) / H - 1).view(H, 1)
     t = theta.view(B, 2, 3, 1, 1)
-    grid = torch.empty(B, H, W, 2, dtype=theta.dtype)
+    grid = torch.empty(B, H, W, 2, dtype=theta.dtype, device=dev)
     grid[..., 0] = t[:, 0, 0] * u + t[:, 0, 1] * v + t[:, 0, 2]
     grid[..., 1] = t[:, 1, 0] * u + t[:, 1, 1] * v + t[:, 1, 2]
     return grid
