@@ -17,9 +17,10 @@ def _split(n: int = 40, size: int = 16) -> ImageSplit:
     return ImageSplit(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % 5)
 
 
-def _batches(split: ImageSplit, batch: int = 8, per_epoch: int = 5, dp: int = 1, dp_rank: int = 0) -> TrainBatches:
-    augment = GpuAugment(AugmentConfig.preset("strong"), 5, MEAN, STD, seed=3)
-    return TrainBatches(split, augment, augment, global_batch=batch * dp, per_epoch=per_epoch, dp=dp, dp_rank=dp_rank,
+def _batches(split: ImageSplit, batch: int = 8, per_epoch: int = 5, dp: int = 1, dp_rank: int = 0,
+             preset: str = "strong") -> TrainBatches:
+    augment = GpuAugment(AugmentConfig.preset(preset), 5, MEAN, STD, seed=3)
+    return TrainBatches(split, augment, global_batch=batch * dp, per_epoch=per_epoch, dp=dp, dp_rank=dp_rank,
                         seed=1, image_size=16, device=torch.device("cpu"))
 
 
@@ -55,7 +56,7 @@ def test_a_run_resumed_at_any_batch_gets_exactly_the_batches_an_unbroken_run_get
 def test_each_batch_of_a_chunk_is_mixed_within_itself():
     split = ImageSplit(torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8), torch.arange(16))
     augment = GpuAugment(AugmentConfig.preset("none").with_(mixup_alpha=0.8), 16, MEAN, STD, seed=0)
-    src = TrainBatches(split, augment, augment, global_batch=4, per_epoch=4, dp=1, dp_rank=0, seed=0, image_size=8,
+    src = TrainBatches(split, augment, global_batch=4, per_epoch=4, dp=1, dp_rank=0, seed=0, image_size=8,
                        device=torch.device("cpu"))
     assert src.chunk == 4
     lams = set()
@@ -69,14 +70,6 @@ def test_each_batch_of_a_chunk_is_mixed_within_itself():
 
 def test_data_parallel_ranks_take_their_slices_of_each_global_batch():
     split = _split()
-    plain = AugmentConfig.preset("none")
-    seen = []
-    for rank in range(2):
-        augment = GpuAugment(plain, 5, MEAN, STD)
-        src = TrainBatches(split, augment, augment, global_batch=8, per_epoch=5, dp=2, dp_rank=rank, seed=1,
-                           image_size=16, device=torch.device("cpu"))
-        seen.append([x for x, _ in src.epoch(0)])
-    whole = _batches(split)
-    whole.augment = whole.transform = GpuAugment(plain, 5, MEAN, STD)
-    for (x, _), a, b in zip(whole.epoch(0), *seen):
+    seen = [[x for x, _ in _batches(split, batch=4, dp=2, dp_rank=rank, preset="none").epoch(0)] for rank in range(2)]
+    for (x, _), a, b in zip(_batches(split, batch=8, preset="none").epoch(0), *seen):
         assert torch.equal(x, torch.cat([a, b]))

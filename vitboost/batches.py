@@ -38,15 +38,14 @@ def chunk_batches(batch: int, image_size: int, per_epoch: int) -> int:
 class TrainBatches:
     """``for x, y in batches.epoch(e, start)``: this rank's (model inputs, targets) on ``device``.
 
-    ``augment`` owns the random state (``state_dict``); ``transform`` is what makes the inputs
-    (the augmentation itself, or a distiller around it); it takes ``groups=``: how many batches
-    the chunk holds.
+    ``augment`` owns the random state (``state_dict``) and makes the inputs, unless a ``transform``
+    around it does (a distiller); either takes ``groups=``: how many batches the chunk holds.
     """
 
-    def __init__(self, split: ImageSplit | StreamingSplit, augment: Any, transform: Transform, *,
+    def __init__(self, split: ImageSplit | StreamingSplit, augment: Any, transform: Transform | None = None, *,
                  global_batch: int, per_epoch: int, dp: int, dp_rank: int, seed: int, image_size: int,
                  device: torch.device):
-        self.split, self.augment, self.transform = split, augment, transform
+        self.split, self.augment, self.transform = split, augment, transform or augment
         self.global_batch, self.per_epoch, self.dp, self.dp_rank = global_batch, per_epoch, dp, dp_rank
         self.seed, self.device = seed, device
         self.chunk = chunk_batches(global_batch // dp, image_size, per_epoch)

@@ -138,7 +138,7 @@ def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cf
                          seed=seed, device=device)
     batch = min(cfg.batch_size, len(split))
     steps = num_batches(len(split), batch, drop_last=True)
-    batches = TrainBatches(split, augment, augment, global_batch=batch, per_epoch=steps, dp=1, dp_rank=0, seed=seed,
+    batches = TrainBatches(split, augment, global_batch=batch, per_epoch=steps, dp=1, dp_rank=0, seed=seed,
                            image_size=split.images.shape[-1], device=device)
     opt = torch.optim.AdamW(teacher.parameters(), lr=TEACHER_LR, weight_decay=0.05, fused=device.type == "cuda")
     schedule = cosine_schedule(opt, cfg.teacher_epochs * steps, 0.05)

@@ -213,7 +213,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names, pre, device, out,
                                         is_main, say)
     lap("teacher")
-    batches = TrainBatches(train_split, augment, distiller or augment, global_batch=global_batch,
+    batches = TrainBatches(train_split, augment, distiller, global_batch=global_batch,
                            per_epoch=steps_per_epoch * cfg.grad_accum, dp=dims.dp, dp_rank=dp_rank, seed=cfg.seed,
                            image_size=size, device=device)
 
@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     meter = Meter(device)
     while epoch < cfg.epochs and step < total_steps and not preempt.stopped:
         inputs = batches.epoch(epoch, start=batch_in_epoch)  # (model inputs, targets) on the device
-        while batch_in_epoch + cfg.grad_accum <= steps_per_epoch * cfg.grad_accum and step < total_steps:
+        while batch_in_epoch + cfg.grad_accum <= batches.per_epoch and step < total_steps:
             micro_batches = []
             for _ in range(cfg.grad_accum):
                 micro_batches.append(next(inputs))
@@ -280,7 +280,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                 checkpoint()
             if preempt.should_stop(step):
                 break
-        if batch_in_epoch >= steps_per_epoch * cfg.grad_accum:
+        if batch_in_epoch >= batches.per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
                 m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
