@@ -544,6 +544,25 @@ def test_sigterm_to_one_process_checkpoints_and_resume_auto_matches_an_unbroken_
     assert rows(unbroken) == rows(broken)
 
 
+def test_a_signal_handled_while_the_ranks_agree_is_not_lost(monkeypatch):
+    """Ranks wait in should_stop's all_reduce, so that is where a signal often lands: the reduction
+    already under way agrees on "go on", and the next one must still see the signal."""
+    import vitboost.preempt as preempt
+    p = preempt.Preemption(every=1)
+    try:
+        p._multi = True  # as under torchrun; the reduction below stands in for the other ranks
+
+        def all_reduce_interrupted(flag, op=None):  # this rank's flag was 0 when the reduction began
+            p._handle(signal.SIGTERM, None)
+
+        monkeypatch.setattr(preempt.dist, "all_reduce", all_reduce_interrupted)
+        assert not p.should_stop(1)
+        monkeypatch.setattr(preempt.dist, "all_reduce", lambda flag, op=None: None)
+        assert p.should_stop(2) and p.signum == signal.SIGTERM
+    finally:
+        preempt.restore_signals()
+
+
 def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_matches(tiny_beans, vit4_dir, tmp_path):
     # ranks agree every --log_every (2) steps: the checkpoint's step is even
     extra = ["--plugin", "torch_ddp", "--epochs", "30", "--eval_every", "0", "--save_epochs", "100",

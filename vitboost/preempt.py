@@ -34,7 +34,10 @@ class Preemption:
     def __init__(self, every: int = 1):
         global _active
         restore_signals()
-        self.every, self.signum, self.stopped = max(1, every), 0, False
+        # received: written only by the handler; signum: what the ranks agreed on (read by exit()). Two
+        # fields, so a signal handled while should_stop waits in its all_reduce is not overwritten by
+        # the result of a reduction that started before it.
+        self.every, self.received, self.signum, self.stopped = max(1, every), 0, 0, False
         self._multi = dist.is_initialized() and dist.get_world_size() > 1
         self._previous: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
@@ -42,18 +45,18 @@ class Preemption:
         _active = self
 
     def _handle(self, signum: int, frame) -> None:
-        self.signum = self.signum or signum
+        self.received = self.received or signum
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))  # a second one acts as before
 
     def should_stop(self, step: int) -> bool:
         """After each step: True when the run must stop now; the same step on every rank."""
         if not self._multi:
-            self.stopped = self.signum != 0
+            self.signum = self.received
         elif step % self.every == 0:
-            flag = torch.tensor([self.signum], dtype=torch.int32)  # CPU: gloo, also beside nccl
+            flag = torch.tensor([self.received], dtype=torch.int32)  # CPU: gloo, also beside nccl
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self.signum = int(flag)
-            self.stopped = self.signum != 0
+        self.stopped = self.signum != 0
         return self.stopped
 
     def exit(self, step: int, checkpoint, is_main: bool) -> Preempted:
