@@ -1,12 +1,13 @@
 """The from-scratch recipe's training step alone, per compile mode: one CUDA-graphed step (bf16, EMA,
 drop-path, soft targets) on a fixed batch, so the number is GPU time, and the seconds the first
-steps take (the compile, when there is one). Each call is one cold process.
+steps take (the compile, when there is one). Each call is one process; a fresh
+TORCHINDUCTOR_CACHE_DIR makes its compile cold, a second call with the same one warm.
 
     python benchmarks/recipe_step.py none 128                 # vit-tiny@160, batch 128, no compile
     python benchmarks/recipe_step.py model 128                # the whole model compiled
     python benchmarks/recipe_step.py blocks 128 vit-small 160 # each block compiled
 
-Prints one JSON line (BENCHMARKS.md section 20).
+Prints one JSON line (BENCHMARKS.md sections 20-21).
 """
 from __future__ import annotations
 
@@ -51,8 +52,10 @@ def main(mode: str, batch: int, model_name: str = "vit-tiny", size: int = 160) -
         engine.train_step([(x, y)])
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / 100 * 1e3
+    from torch._dynamo.utils import counters
     return {"model": model_name, "size": size, "batch": batch, "compile": mode, "first4_s": round(first, 1),
-            "ms_per_step": round(ms, 2), "img_s": round(batch / ms * 1e3)}
+            "ms_per_step": round(ms, 2), "img_s": round(batch / ms * 1e3),
+            "graphs": counters["stats"]["unique_graphs"]}  # compiled graphs: 1 when every block shares one
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ A case is MODEL[@SIZE[/PATCH]]:BATCH[:PRECISION[:PLUGIN]][=VARIANT,VARIANT...]; 
   graph           --compile false --cuda_graph true
   compile         --compile true  --cuda_graph false   (the whole model under one process)
   compile+graph   --compile true  --cuda_graph true
+  blocks[+graph]  --compile blocks (each block compiled: one graph shared by all blocks) [--cuda_graph true]
   auto            the defaults (what `vitboost train` picks for a long run)
   peers           HF eager / compiled, timm compiled / one CUDA graph (the anchor), same batch
   peer:NAME       one of those peers (hf_eager, hf_compile, timm_compile, timm_cudagraph)
@@ -30,6 +31,8 @@ FLAGS = {"eager": ["--compile", "false", "--cuda_graph", "false"],
          "graph": ["--compile", "false", "--cuda_graph", "true"],
          "compile": ["--compile", "true", "--cuda_graph", "false"],
          "compile+graph": ["--compile", "true", "--cuda_graph", "true"],
+         "blocks": ["--compile", "blocks", "--cuda_graph", "false"],
+         "blocks+graph": ["--compile", "blocks", "--cuda_graph", "true"],
          "auto": []}
 
 

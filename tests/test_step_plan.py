@@ -31,7 +31,7 @@ def test_one_gpu_graphs_the_whole_step_and_compiles_only_long_runs():
     assert short.cuda_graph and short.compile == "none"
     assert any("too short" in n for n in short.step_notes)
     long = _step_plan(steps=COMPILE_PAYS_AFTER_STEPS)
-    assert long.cuda_graph and long.compile == "model"  # a single module is compiled whole
+    assert long.cuda_graph and long.compile == "blocks"  # one graph that every block shares
 
 
 def test_what_cannot_be_one_graph_says_why_and_sharded_layouts_compile_per_block():
@@ -45,7 +45,11 @@ def test_what_cannot_be_one_graph_says_why_and_sharded_layouts_compile_per_block
 
 
 def test_explicit_choices_win_and_an_impossible_graph_is_one_error():
-    assert _step_plan(steps=1, compile="true").compile == "model"
+    assert _step_plan(steps=1, compile="true").compile == "blocks"
+    assert _step_plan(steps=1, compile="model").compile == "model"  # the whole module, by name
+    assert _step_plan(world=2, steps=1, plugin="fsdp", compile="true").compile == "blocks"
+    with pytest.raises(ConfigError, match="--compile model needs the model as one module"):
+        _step_plan(world=2, steps=1, plugin="fsdp", compile="model")
     assert _step_plan(steps=10**6, compile="false", cuda_graph="false").compile == "none"
     with pytest.raises(ConfigError, match="--cuda_graph true is not possible"):
         _step_plan(device_type="cpu", cuda_graph="true")
@@ -59,7 +63,7 @@ def test_yaml_booleans_and_words_both_configure_compile(given, want):
 
 
 def test_bad_compile_value_is_refused():
-    with pytest.raises(ConfigError, match="--compile must be auto, true or false"):
+    with pytest.raises(ConfigError, match="--compile must be auto, true, false, model or blocks"):
         make_config({"compile": "sometimes"})
 
 
@@ -78,6 +82,24 @@ def test_drop_path_keeps_the_hf_names_and_drops_whole_samples_in_training_only()
     assert torch.all((y == 0) | (y == 2.0))  # a sample is dropped whole, the rest rescaled by 1/(1-p)
     assert 0.45 < kept.mean() < 0.55
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_blocks_with_different_drop_path_rates_share_one_compiled_graph():
+    """Each block has its own rate; compiled per block (FSDP/TP/PP layouts), they must not each
+    compile their own graph (with a float rate they did: 8 compiles, then the recompile limit
+    left the deepest blocks eager)."""
+    from torch._dynamo.utils import counters
+    from vitboost.parallel.tensor import find_blocks
+    torch.manual_seed(0)
+    model, _ = build_model("vit-tiny", ["a", "b"], pretrained="none", image_size=32, log=lambda *a: None)
+    apply_drop_path(model, 0.1)
+    torch._dynamo.reset()
+    counters.clear()
+    for _, block in find_blocks(model):
+        block.compile(backend="eager")
+    model.train()(torch.randn(2, 3, 32, 32)).logits.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 def test_ema_averages_after_each_step_and_evaluates_on_the_average():

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, TrainConfig, make_config
+from .config import COMPILE_MODES, PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, TrainConfig, make_config
 
 BOOL = argparse.BooleanOptionalAction
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, bf16 dense tensor cores
@@ -58,7 +58,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     a("--microbatch_size", type=int)
     a("--pp_schedule", choices=PP_SCHEDULES)
     a("--mixed_precision", choices=PRECISIONS)
-    a("--compile", nargs="?", const="true", choices=("auto", "true", "false"),
+    a("--compile", nargs="?", const="true", choices=COMPILE_MODES,
       help="torch.compile (default auto: on, as for a long training run)")
     a("--grad_checkpoint", action=BOOL, default=None)
     a("--device", choices=("auto", "cuda", "cpu"))

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, make_config
+from .config import COMPILE_MODES, PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, make_config
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -78,8 +78,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed_precision", choices=PRECISIONS)
     g.add_argument("--grad_checkpoint", nargs="?", const=True, type=_bool, default=None,
                    help="activation checkpointing per block (ColossalAI's `--grad_checkpoint True` works too)")
-    g.add_argument("--compile", nargs="?", const="true", choices=("auto", "true", "false"),
-                   help="torch.compile the model (default auto: when the run is long enough to pay it back)")
+    g.add_argument("--compile", nargs="?", const="true", choices=COMPILE_MODES,
+                   help="torch.compile the model (default auto: when the run is long enough to pay it back; true = "
+                        "blocks: each block, one graph they share; model: the whole model as one graph)")
     g.add_argument("--no-compile", dest="compile", action="store_const", const="false", help=argparse.SUPPRESS)
     g.add_argument("--cuda_graph", nargs="?", const="true", choices=("auto", "true", "false"),
                    help="capture the whole step as one CUDA graph (default auto: wherever the step allows)")

@@ -16,6 +16,9 @@ PLUGINS = ("torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_pa
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")
 AUTO_MODES = ("auto", "true", "false")  # --compile / --cuda_graph: auto picks what pays and says why
+# --compile true = blocks: each block compiled, one graph they all share; model: the whole model as one
+# graph (one module only; 4% faster on vit-tiny, 4-8x the compile time: BENCHMARKS.md section 21)
+COMPILE_MODES = (*AUTO_MODES, "model", "blocks")
 
 
 class ConfigError(ValueError):
@@ -124,12 +127,12 @@ class TrainConfig:
             raise ConfigError(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.augment not in ("none", "light", "strong"):
             raise ConfigError(f"unknown --augment {self.augment!r}; choose none, light or strong")
-        for name in ("compile", "cuda_graph"):
+        for name, modes in (("compile", COMPILE_MODES), ("cuda_graph", AUTO_MODES)):
             value = getattr(self, name)
             if isinstance(value, bool) or value in (None, 0, 1):  # YAML `compile: true`
                 value = "true" if value else "false"
-            if str(value).lower() not in AUTO_MODES:
-                raise ConfigError(f"--{name} must be auto, true or false, got {value!r}")
+            if str(value).lower() not in modes:
+                raise ConfigError(f"--{name} must be {', '.join(modes[:-1])} or {modes[-1]}, got {value!r}")
             setattr(self, name, str(value).lower())
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -17,19 +17,29 @@ from torch import Tensor, nn
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al. 2016; timm's DropPath): in training, drop a whole residual
     branch for a random subset of the samples and rescale the rest by 1/(1-p). Wraps the
-    dropout it replaces, which still runs first."""
+    dropout it replaces, which still runs first.
 
-    def __init__(self, p: float, inner: nn.Module | None = None):
+    The keep probability is a 0-dim buffer, not a Python float: torch.compile specializes on
+    float attributes, so blocks with different rates each compiled their own graph (8 compiles,
+    then dynamo's recompile limit left the deeper blocks eager). As a tensor every block shares one
+    graph (the first block's rate 0 then draws a mask of ones: three tiny kernels, one graph fewer).
+    Non-persistent: state dicts, checkpoints and export do not see it.
+    """
+
+    def __init__(self, p: float, inner: nn.Module | None = None, device: torch.device | None = None):
         super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path rate must be in [0, 1), got {p}")
         self.p, self.inner = float(p), inner if inner is not None else nn.Identity()
+        self.register_buffer("keep", torch.tensor(1.0 - p, device=device), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.inner(x)
-        if not self.training or self.p == 0.0:
+        if not self.training:
             return x
-        keep = 1.0 - self.p
-        mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
-        return x * mask.div_(keep)
+        keep = self.keep.to(x.device)  # a no-op but under CPU offload (gemini), where it may stay on the CPU
+        mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+        return x * mask.bernoulli_(keep).div_(keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -66,7 +76,8 @@ def apply_drop_path(model: nn.Module, rate: float) -> int:
             raise ValueError(f"no residual dropout found in {type(block).__name__}; drop_path cannot be applied")
         for parent, attr in sites:
             inner = getattr(parent, attr)
-            setattr(parent, attr, DropPath(p, inner.inner if isinstance(inner, DropPath) else inner))
+            device = next(block.parameters()).device
+            setattr(parent, attr, DropPath(p, inner.inner if isinstance(inner, DropPath) else inner, device))
             n += 1
     return n
 

@@ -36,7 +36,7 @@ class Plan:
     cpu_offload: bool = False
     zero1: bool = False
     reason: str = ""
-    compile: str = "none"  # "none" | "model" (one graph, single module) | "blocks" (each block: FSDP/TP/PP)
+    compile: str = "none"  # "none" | "blocks" (one graph all blocks share) | "model" (the whole single module)
     cuda_graph: bool = False  # the whole step captured once and replayed (vitboost.cuda_graph)
     step_notes: tuple[str, ...] = ()  # what was chosen for the step and why, for the log
 
@@ -136,10 +136,12 @@ def choose_auto(cfg: TrainConfig, device_type: str, world_size: int, num_params:
                       f"80% of {gib(free)} free per GPU; offloading to CPU")
 
 
-# A cold whole-model compile costs 23-29 s on an H200 and, on top of a CUDA-graphed step, saves
-# 2-9 ms a step (ViT-B b16 to vit-small b128): it pays back after 2,800-13,000 steps
-# (BENCHMARKS.md section 17). auto compiles runs of at least this many steps.
-COMPILE_PAYS_AFTER_STEPS = 5000
+# What auto (and true) compile is each block: ViT's blocks are alike, so with the drop-path rate a
+# tensor they share one graph, compiled once. On an H200 (BENCHMARKS.md section 21) that runs as fast
+# as the whole model compiled (ViT-B b32 2,696 vs 2,682 img/s, vit-small b128 7,951 vs 8,005,
+# vit-tiny@160 b128 5.42 vs 5.22 ms) and compiles in 3-7 s instead of 24-29 s. On top of a CUDA-graphed
+# step it saves 2-8 ms a step, so it pays back after 400-1,400 steps: auto compiles runs this long.
+COMPILE_PAYS_AFTER_STEPS = 1500
 
 
 def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int | None) -> Plan:
@@ -147,9 +149,13 @@ def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int |
     from ..cuda_graph import graph_unsupported_reason
     notes = []
     single = plan.data_parallel == "none" and cfg.tp_size == 1 and cfg.pp_size == 1 and not plan.cpu_offload
-    target = "model" if single else "blocks"
-    if cfg.compile == "true":
-        compile = target
+    if cfg.compile in ("true", "blocks"):
+        compile = "blocks"
+    elif cfg.compile == "model":
+        if not single:
+            raise ConfigError("--compile model needs the model as one module (one data-parallel rank, no tp/pp, no "
+                              "CPU offload); this layout compiles each block: use --compile blocks or true")
+        compile = "model"
     elif cfg.compile == "false":
         compile = "none"
     elif device_type != "cuda":
@@ -160,8 +166,8 @@ def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int |
         notes.append(f"compile: off (auto: {total_steps} steps < {COMPILE_PAYS_AFTER_STEPS}, "
                      f"too short to pay back compilation)")
     else:
-        compile = target
-        notes.append(f"compile: {target} (auto: {total_steps or 'many'} steps pay back compilation)")
+        compile = "blocks"
+        notes.append(f"compile: blocks (auto: {total_steps or 'many'} steps pay back compiling one block)")
     why_not = graph_unsupported_reason(device_type=device_type, data_parallel=plan.data_parallel,
                                        tp=cfg.tp_size, pp=cfg.pp_size, cpu_offload=plan.cpu_offload,
                                        grad_accum=cfg.grad_accum)
