@@ -43,3 +43,26 @@ def test_patch_linear_leaves_other_convolutions_alone() -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 4, stride=4))
     assert linear_patch_embedding(net) == 1
     assert type(net[0]) is torch.nn.Conv2d and type(net[1]) is PatchLinear
+
+
+def test_the_cli_loads_transformers_without_the_extras_a_vit_never_uses(tmp_path) -> None:
+    """transformers imports scipy for detection losses as soon as its modeling code loads, if scipy is
+    installed. A stand-in scipy (a package and its metadata) records whether it was imported."""
+    import os
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    (tmp_path / "scipy").mkdir()
+    (tmp_path / "scipy" / "__init__.py").write_text("import os\nopen(os.environ['MARK'], 'a').write('imported')\n")
+    (tmp_path / "scipy" / "optimize.py").write_text("def linear_sum_assignment(*a): pass\n")
+    (tmp_path / "scipy-1.14.0.dist-info").mkdir()
+    (tmp_path / "scipy-1.14.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: scipy\nVersion: 1.14.0\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "HF_HUB_OFFLINE": "1"}
+    check = ("import transformers.utils as tu, transformers.utils.import_utils as iu\n"
+             "assert tu.is_scipy_available() and iu.is_scipy_available()  # later imports: the real answer\n"
+             "from transformers import ViTForImageClassification\n")
+    for lean, imported in ((False, True), (True, False)):
+        mark = tmp_path / f"mark_{lean}"
+        code = ("from vitboost.model import import_transformers_lean; import_transformers_lean()\n" if lean else "") + check
+        subprocess.run([sys.executable, "-c", code], env={**env, "MARK": str(mark)}, check=True, timeout=120)
+        assert mark.exists() == imported

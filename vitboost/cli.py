@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     from .preempt import Preempted
     from .storage import CheckpointError, WriteError, describe_os_error
     handlers = {"eval": _eval, "predict": _predict, "export": _export}
+    if argv is None and args.command in ("train", "eval", "predict", "export"):
+        from .model import import_transformers_lean
+        import_transformers_lean()  # this process runs vitboost alone: skip transformers' unused extras
     try:
         if args.command == "bench":
             from .bench import run_bench

@@ -44,6 +44,36 @@ def vit_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     return out.transpose(1, 2).contiguous(), None
 
 
+# transformers imports scikit-learn (assisted generation, 5.17), scipy (detection losses) and
+# torchvision (fast image processors) as soon as ViT's modeling code loads, if they are installed:
+# 1.9 s of a 3-epoch ViT-B run's ~11 s on an H200 (python -X importtime, BENCHMARKS.md), none of
+# it used by a ViT classifier. The CLI, where no user code shares the process, loads transformers
+# with those packages reported absent; later imports see the real answers again.
+UNUSED_EXTRAS = ("is_sklearn_available", "is_scipy_available", "is_torchvision_available")
+
+
+def import_transformers_lean() -> None:
+    """Import transformers' ViT modeling code without the extras above (call before any other
+    transformers import; a no-op once transformers' modeling code is loaded)."""
+    import sys
+    if "transformers.modeling_utils" in sys.modules:
+        return
+    import transformers.utils as tu
+    import transformers.utils.import_utils as iu
+    saved = [(m, n, getattr(m, n)) for n in UNUSED_EXTRAS for m in (iu, tu) if hasattr(m, n)]
+    for m, n, _ in saved:
+        setattr(m, n, _absent)
+    try:
+        from transformers import ViTForImageClassification  # noqa: F401  (loads modeling_utils and ViT)
+    finally:
+        for m, n, fn in saved:
+            setattr(m, n, fn)
+
+
+def _absent(*args, **kwargs) -> bool:
+    return False
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
     AttentionInterface.register(ATTENTION, vit_sdpa_attention)
