@@ -256,6 +256,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
     print_every = max(cfg.log_every, total_steps // 20)
     meter = Meter(device)
+    last_validation: dict[int, dict] = {}  # step -> metrics: the final eval reuses the last epoch's
     while epoch < cfg.epochs and step < total_steps and not preempt.stopped:
         inputs = batches.epoch(epoch, start=batch_in_epoch)  # (model inputs, targets) on the device
         while batch_in_epoch + cfg.grad_accum <= batches.per_epoch and step < total_steps:
@@ -284,6 +285,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             epoch, batch_in_epoch = epoch + 1, 0
             if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
                 m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
+                last_validation = {step: m}
                 history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(**history[-1])
                 log.evaluation("validation", step, m)
@@ -302,7 +304,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     results = {}
     for split in ("validation", "test"):
         if split in data.splits:
-            results[split] = _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
+            results[split] = last_validation.get(step) if split == "validation" else None
+            results[split] = results[split] or _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
             say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
             log.evaluation(split, step, results[split], final=True)
     log.close()
