@@ -1,4 +1,6 @@
-"""scripts/run_demo.sh picks its layout from the GPUs it sees and refuses one that does not fit."""
+"""scripts/run_demo.sh picks its layout from the GPUs it sees and refuses one that does not fit.
+
+A fake nvidia-smi and python3 stand in for the host's: they report FAKE_GPUS and print what would run."""
 from __future__ import annotations
 
 import os
@@ -7,16 +9,24 @@ import subprocess
 from tests.conftest import REPO
 
 FAKE_PYTHON = """#!/bin/bash
-if [[ "$*" == *device_count* ]]; then echo $FAKE_GPUS; else echo "would run: python3 $*"; fi
+if [[ "$*" == *device_count* ]]; then echo asked >> $TORCH_ASKED; echo $FAKE_GPUS
+elif [[ "$*" == *"import json"* ]] || [[ "$*" == *round* ]]; then echo 1.0
+else echo "would run: python3 $*"; fi
+"""
+FAKE_NVIDIA_SMI = """#!/bin/bash
+[ "$FAKE_GPUS" -gt 0 ] && seq 0 $(( FAKE_GPUS - 1 ))
 """
 
 
-def demo(tmp_path, gpus: int, **env: str) -> subprocess.CompletedProcess:
+def demo(tmp_path, gpus: int, nvidia_smi: bool = True, **env: str) -> subprocess.CompletedProcess:
     shim = tmp_path / "bin"
     shim.mkdir(exist_ok=True)
-    (shim / "python3").write_text(FAKE_PYTHON)
-    (shim / "python3").chmod(0o755)
-    full = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}", "FAKE_GPUS": str(gpus), **env}
+    for name, text in (("python3", FAKE_PYTHON), ("nvidia-smi", FAKE_NVIDIA_SMI if nvidia_smi else "exit 127")):
+        (shim / name).write_text(text)
+        (shim / name).chmod(0o755)
+    full = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}  # the host's own must not leak in
+    full.update(PATH=f"{shim}:{os.environ['PATH']}", FAKE_GPUS=str(gpus), TORCH_ASKED=str(tmp_path / "torch_asked"),
+                **env)
     return subprocess.run(["bash", "scripts/run_demo.sh"], cwd=REPO, env=full, capture_output=True, text=True)
 
 
@@ -48,3 +58,12 @@ def test_pretrained_model_runs_the_reference_recipe(tmp_path):
 def test_no_gpu_runs_the_small_cpu_demo(tmp_path):
     r = demo(tmp_path, 0)
     assert r.returncode == 0 and "--device cpu" in r.stdout and "--model vit-tiny" in r.stdout
+
+
+def test_gpus_are_counted_without_importing_torch_and_cuda_visible_devices_narrows_them(tmp_path):
+    r = demo(tmp_path, 2, CUDA_VISIBLE_DEVICES="1")
+    assert r.returncode == 0 and "one GPU found" in r.stdout and "--pp_size 1" in r.stdout
+    assert not (tmp_path / "torch_asked").exists()  # nvidia-smi answered: no ~2 s torch import first
+    assert "--device cpu" in demo(tmp_path, 2, CUDA_VISIBLE_DEVICES="").stdout
+    r = demo(tmp_path, 2, nvidia_smi=False)  # no nvidia-smi: torch counts
+    assert "--nproc_per_node 2" in r.stdout and (tmp_path / "torch_asked").exists()
