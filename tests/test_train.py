@@ -206,6 +206,19 @@ def test_summary_breaks_the_run_time_down_by_phase(tiny_beans, tmp_path):
     assert abs(s["seconds_to_accuracy"] - before_accuracy) < 0.1  # the accuracy is printed before those two
 
 
+def test_the_final_validation_is_the_last_epochs_not_a_second_pass(tiny_beans, tmp_path, monkeypatch):
+    import vitboost.train as train_module
+    splits = []
+    real = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda engine, split, *a, **k: splits.append(len(split)) or
+                        real(engine, split, *a, **k))
+    out = tmp_path / "run"
+    assert main(train_args(tiny_beans, out, "--epochs", "2")) == 0
+    assert splits == [9, 9, 6]  # validation after each epoch, then only test (9 and 6 images)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["eval"]["validation"]["loss"] == s["history"][-1]["val_loss"]
+
+
 def test_the_launch_phase_starts_when_the_process_started():
     import vitboost
     from vitboost.cli import process_start
