@@ -101,6 +101,18 @@ def test_strategy_reproduces_single_process(name, reference, tiny_beans, vit4_di
     assert_same(reference, out)
 
 
+@pytest.mark.parametrize("name", ["fsdp", "tp2"])
+def test_weight_ema_under_sharded_layouts_reproduces_single_process(name, tiny_beans, vit4_dir, tmp_path):
+    """The EMA (evaluated and exported in place of the raw weights) averages DTensor shards under
+    FSDP/TP exactly as it averages whole tensors in one process."""
+    ref = tmp_path / "ref"
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, ref, ema=0.9))
+    procs, overrides = CASES[name]
+    out = tmp_path / "run"
+    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, ema=0.9, **overrides))
+    assert_same(ref, out)
+
+
 def test_checkpoint_saved_under_pp2_resumes_in_one_process(tiny_beans, vit4_dir, tmp_path):
     """Save with pipeline parallel on 2 ranks (each holding half the blocks and their Adam
     states), resume the second epoch on one process: same as never switching layout."""

@@ -86,8 +86,9 @@ class EMA:
     """Exponential moving average of the trainable parameters (decay per optimizer step).
 
     Updated on the device with one foreach kernel after each step (inside the CUDA graph when the
-    step is one); works on plain tensors and DTensor shards alike. ``swapped()`` runs eval on the
-    averaged weights and puts the trained ones back.
+    step is one). Under FSDP/TP the parameters and their averages are DTensors with the same
+    placements, so the kernels run on the local shards (DTensor has no rule for ``_foreach_copy_``).
+    ``swapped()`` runs eval on the averaged weights and puts the trained ones back.
     """
 
     def __init__(self, named_params: list[tuple[str, Tensor]], decay: float):
@@ -100,7 +101,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+        torch._foreach_lerp_(_local(self.shadow), _local(self.params), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         """FQN -> averaged tensor: the live tensors, so DCP loads into them in place."""
@@ -109,9 +110,16 @@ class EMA:
     @contextlib.contextmanager
     @torch.no_grad()
     def swapped(self) -> Iterator[None]:
-        backup = [p.detach().clone() for p in self.params]
-        torch._foreach_copy_([p.detach() for p in self.params], self.shadow)
+        params = _local(self.params)
+        backup = [p.clone() for p in params]
+        torch._foreach_copy_(params, _local(self.shadow))
         try:
             yield
         finally:
-            torch._foreach_copy_([p.detach() for p in self.params], backup)
+            torch._foreach_copy_(params, backup)
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """Detached local shards of DTensors (FSDP/TP), plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+    return [(t.to_local() if isinstance(t, DTensor) else t).detach() for t in tensors]
