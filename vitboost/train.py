@@ -169,31 +169,10 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     size = _model_image_size(cfg)
     data = _load_data(cfg, size, is_main, say)
     lap("data")
-    torch.manual_seed(cfg.seed)
-    model, pre = build_model(cfg.model, data.label_names, pretrained=cfg.pretrained, image_size=cfg.image_size,
-                             patch_size=cfg.patch_size, dropout=cfg.dropout, device=init_device(device, cfg.plugin),
-                             log=say)
-    if size != pre.image_size:
-        raise ConfigError(f"model {cfg.model} expects {pre.image_size}px inputs, not {size}px; "
-                          f"use a model whose image_size is {size} or a local folder")
-    model = apply_lora(model, cfg, say)
-    check_lora_resume(cfg, out, model)
-    _check_layout(cfg, model, dims)
-    apply_drop_path(model, cfg.drop_path)
-    if is_main:
-        claim_output(cfg, out)
-        save_run_config(model, pre, out)  # before parallelization touches the model
+    model, pre = _model(cfg, data.label_names, size, device, dims, out, is_main, say)
     plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
     train_split = data.splits["train"]
-    global_batch = cfg.batch_size * dims.dp
-    batches_per_epoch = num_batches(len(train_split), global_batch, drop_last=True)
-    steps_per_epoch = batches_per_epoch // cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"the train split has {len(train_split)} images, fewer than one step needs "
-                          f"({global_batch * cfg.grad_accum} = batch_size*dp*grad_accum); lower --batch_size")
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    global_batch, steps_per_epoch, total_steps = _run_length(cfg, len(train_split), dims.dp)
     plan = plan_step(plan, cfg, device.type, total_steps)  # compile / CUDA graph: depends on the run's length
     for note in (plan.reason, *plan.step_notes):
         if note:
@@ -256,7 +235,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
     print_every = max(cfg.log_every, total_steps // 20)
     meter = Meter(device)
-    last_validation: dict[int, dict] = {}  # step -> metrics: the final eval reuses the last epoch's
+    last_validation: dict[int, dict] = {}  # step -> metrics: the final eval reuses the last step's
     while epoch < cfg.epochs and step < total_steps and not preempt.stopped:
         inputs = batches.epoch(epoch, start=batch_in_epoch)  # (model inputs, targets) on the device
         while batch_in_epoch + cfg.grad_accum <= batches.per_epoch and step < total_steps:
@@ -284,8 +263,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         if batch_in_epoch >= batches.per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
-                m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
-                last_validation = {step: m}
+                m = last_validation[step] = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
                 history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(**history[-1])
                 log.evaluation("validation", step, m)
@@ -303,9 +281,9 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
 
     results = {}
     for split in ("validation", "test"):
-        if split in data.splits:
-            results[split] = last_validation.get(step) if split == "validation" else None
-            results[split] = results[split] or _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
+        if split in data.splits:  # the validation of the last epoch's end is the same weights': reused
+            reused = last_validation.get(step) if split == "validation" else None
+            results[split] = reused or _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
             say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
             log.evaluation(split, step, results[split], final=True)
     log.close()
@@ -332,6 +310,38 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     if export_error is not None:
         raise export_error
     return summary
+
+
+def _model(cfg: TrainConfig, label_names: list[str], size: int, device: torch.device, dims: ParallelDims, out: Path,
+           is_main: bool, say) -> tuple:
+    """The HF ViT as it will train (LoRA, drop-path; not yet parallel) and its preprocessing. Rank 0 claims
+    the output folder and saves the run's model config there, before parallelization touches the model."""
+    torch.manual_seed(cfg.seed)  # every rank draws the same init
+    model, pre = build_model(cfg.model, label_names, pretrained=cfg.pretrained, image_size=cfg.image_size,
+                             patch_size=cfg.patch_size, dropout=cfg.dropout, device=init_device(device, cfg.plugin),
+                             log=say)
+    if size != pre.image_size:
+        raise ConfigError(f"model {cfg.model} expects {pre.image_size}px inputs, not {size}px; "
+                          f"use a model whose image_size is {size} or a local folder")
+    model = apply_lora(model, cfg, say)
+    check_lora_resume(cfg, out, model)
+    _check_layout(cfg, model, dims)
+    apply_drop_path(model, cfg.drop_path)
+    if is_main:
+        claim_output(cfg, out)
+        save_run_config(model, pre, out)
+    return model, pre
+
+
+def _run_length(cfg: TrainConfig, train_images: int, dp: int) -> tuple[int, int, int]:
+    """(global batch, optimizer steps per epoch, total steps); one error line when an epoch holds no step."""
+    global_batch = cfg.batch_size * dp
+    steps_per_epoch = num_batches(train_images, global_batch, drop_last=True) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the train split has {train_images} images, fewer than one step needs "
+                          f"({global_batch * cfg.grad_accum} = batch_size*dp*grad_accum); lower --batch_size")
+    total_steps = cfg.epochs * steps_per_epoch
+    return global_batch, steps_per_epoch, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
 
 def _writer_busy(cfg: TrainConfig, step: int, say) -> bool:
