@@ -101,16 +101,22 @@ def test_strategy_reproduces_single_process(name, reference, tiny_beans, vit4_di
     assert_same(reference, out)
 
 
+@pytest.fixture(scope="module")
+def ema_reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref_ema") / "run"
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out, ema=0.9))
+    return out
+
+
 @pytest.mark.parametrize("name", ["fsdp", "tp2"])
-def test_weight_ema_under_sharded_layouts_reproduces_single_process(name, tiny_beans, vit4_dir, tmp_path):
+def test_weight_ema_under_sharded_layouts_reproduces_single_process(name, ema_reference, tiny_beans, vit4_dir,
+                                                                   tmp_path):
     """The EMA (evaluated and exported in place of the raw weights) averages DTensor shards under
     FSDP/TP exactly as it averages whole tensors in one process."""
-    ref = tmp_path / "ref"
-    run_distributed(_train, 1, base(tiny_beans, vit4_dir, ref, ema=0.9))
     procs, overrides = CASES[name]
     out = tmp_path / "run"
     run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, ema=0.9, **overrides))
-    assert_same(ref, out)
+    assert_same(ema_reference, out)
 
 
 def test_checkpoint_saved_under_pp2_resumes_in_one_process(tiny_beans, vit4_dir, tmp_path):
