@@ -37,7 +37,7 @@ class DropPath(nn.Module):
         x = self.inner(x)
         if not self.training:
             return x
-        keep = self.keep.to(x.device)  # a no-op but under CPU offload (gemini), where it may stay on the CPU
+        keep = self.keep.to(x.device)  # a no-op, except under CPU offload (gemini): the buffer may stay there
         mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
         return x * mask.bernoulli_(keep).div_(keep)
 

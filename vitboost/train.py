@@ -165,7 +165,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     lap("startup")
 
     # model config first: the input size and normalization come from it
-    torch.manual_seed(cfg.seed)  # identical init on every rank (FSDP/TP do not broadcast)
+    torch.manual_seed(cfg.seed)  # the same random stream on every rank from the start
     size = _model_image_size(cfg)
     data = _load_data(cfg, size, is_main, say)
     lap("data")
@@ -281,7 +281,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
 
     results = {}
     for split in ("validation", "test"):
-        if split in data.splits:  # the validation of the last epoch's end is the same weights': reused
+        if split in data.splits:  # validation: reused when the last epoch ended at this step (same weights)
             reused = last_validation.get(step) if split == "validation" else None
             results[split] = reused or _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
             say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
@@ -316,7 +316,7 @@ def _model(cfg: TrainConfig, label_names: list[str], size: int, device: torch.de
            is_main: bool, say) -> tuple:
     """The HF ViT as it will train (LoRA, drop-path; not yet parallel) and its preprocessing. Rank 0 claims
     the output folder and saves the run's model config there, before parallelization touches the model."""
-    torch.manual_seed(cfg.seed)  # every rank draws the same init
+    torch.manual_seed(cfg.seed)  # every rank draws the same init (FSDP/TP do not broadcast it)
     model, pre = build_model(cfg.model, label_names, pretrained=cfg.pretrained, image_size=cfg.image_size,
                              patch_size=cfg.patch_size, dropout=cfg.dropout, device=init_device(device, cfg.plugin),
                              log=say)
