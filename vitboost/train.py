@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
     print_every = max(cfg.log_every, total_steps // 20)
     meter = Meter(device)
-    last_validation: dict[int, dict] = {}  # step -> metrics: the final eval reuses the last step's
+    last_validation: dict[int, dict] = {}  # {step: metrics} of the latest one: the final eval may reuse it
     while epoch < cfg.epochs and step < total_steps and not preempt.stopped:
         inputs = batches.epoch(epoch, start=batch_in_epoch)  # (model inputs, targets) on the device
         while batch_in_epoch + cfg.grad_accum <= batches.per_epoch and step < total_steps:
@@ -263,7 +263,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         if batch_in_epoch >= batches.per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
-                m = last_validation[step] = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
+                m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
+                last_validation = {step: m}
                 history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(**history[-1])
                 log.evaluation("validation", step, m)
