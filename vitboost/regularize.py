@@ -74,9 +74,9 @@ def apply_drop_path(model: nn.Module, rate: float) -> int:
         sites = residual_dropouts(block)
         if not sites:
             raise ValueError(f"no residual dropout found in {type(block).__name__}; drop_path cannot be applied")
+        device = next(block.parameters()).device  # where the rate buffer lives: with the block
         for parent, attr in sites:
             inner = getattr(parent, attr)
-            device = next(block.parameters()).device
             setattr(parent, attr, DropPath(p, inner.inner if isinstance(inner, DropPath) else inner, device))
             n += 1
     return n
