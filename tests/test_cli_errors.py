@@ -29,6 +29,12 @@ def test_missing_dataset_folder(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_step_the_layout_cannot_run_is_refused_before_anything_is_written(capsys, data, tmp_path):
+    fails_with(capsys, train_args(data, tmp_path / "run", "-b", "2", "--cuda_graph", "true", "--device", "cpu"),
+               "--cuda_graph true is not possible")
+    assert not (tmp_path / "run").exists()
+
+
 def test_empty_class_folder(capsys, data, tmp_path):
     (data / "train" / "empty_class").mkdir()
     fails_with(capsys, train_args(data, tmp_path / "run"), "empty_class")

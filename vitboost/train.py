@@ -169,7 +169,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     size = _model_image_size(cfg)
     data = _load_data(cfg, size, is_main, say)
     lap("data")
-    model, pre = _model(cfg, data.label_names, size, device, dims, out, is_main, say)
+    model, pre = _model(cfg, data.label_names, size, device, dims, out, say)
     plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
     train_split = data.splits["train"]
     global_batch, steps_per_epoch, total_steps = _run_length(cfg, len(train_split), dims.dp)
@@ -177,6 +177,9 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     for note in (plan.reason, *plan.step_notes):
         if note:
             say(note)
+    if is_main:  # the input is known good (data, model, layout, step plan): only now is anything written
+        claim_output(cfg, out)
+        save_run_config(model, pre, out)  # before parallelization touches the model
     engine = Engine(model, cfg, dims, plan, device, soft_cross_entropy)
     say(f"strategy: {plan.plugin} (dp={dims.dp} tp={dims.tp} pp={dims.pp}, {plan.precision}) on {world} x {device.type}")
     scheduler = cosine_schedule(engine.optimizer, total_steps, cfg.warmup_ratio)
@@ -314,9 +317,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
 
 
 def _model(cfg: TrainConfig, label_names: list[str], size: int, device: torch.device, dims: ParallelDims, out: Path,
-           is_main: bool, say) -> tuple:
-    """The HF ViT as it will train (LoRA, drop-path; not yet parallel) and its preprocessing. Rank 0 claims
-    the output folder and saves the run's model config there, before parallelization touches the model."""
+           say) -> tuple:
+    """The HF ViT as it will train (LoRA, drop-path; not yet parallel) and its preprocessing."""
     torch.manual_seed(cfg.seed)  # every rank draws the same init (FSDP/TP do not broadcast it)
     model, pre = build_model(cfg.model, label_names, pretrained=cfg.pretrained, image_size=cfg.image_size,
                              patch_size=cfg.patch_size, dropout=cfg.dropout, device=init_device(device, cfg.plugin),
@@ -328,9 +330,6 @@ def _model(cfg: TrainConfig, label_names: list[str], size: int, device: torch.de
     check_lora_resume(cfg, out, model)
     _check_layout(cfg, model, dims)
     apply_drop_path(model, cfg.drop_path)
-    if is_main:
-        claim_output(cfg, out)
-        save_run_config(model, pre, out)
     return model, pre
 
 
