@@ -20,5 +20,6 @@ run, wall, rc = Path(sys.argv[1]), float(sys.argv[3]) - float(sys.argv[2]), sys.
 s = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
 acc = {k: v["accuracy"] for k, v in s.get("eval", {}).items()}
 print(json.dumps({"run": run.name, "rc": int(rc), "wall_s": round(wall, 1), "accuracy": acc,
-                  "timings_s": s.get("timings_s"), "steps": s.get("steps")}))
+                  "seconds_to_accuracy": s.get("seconds_to_accuracy"), "timings_s": s.get("timings_s"),
+                  "train_breakdown_s": s.get("train_breakdown_s"), "steps": s.get("steps")}))
 PY

@@ -45,11 +45,11 @@ count_gpus() {
 gpus=$(count_gpus)
 nproc=${NPROC:-$(( TP * PP ))}
 if [ "$gpus" -eq 0 ]; then
-  echo "run_demo: no GPU found: running the small CPU demo (vit-tiny at 64 px, pp=2 on 2 CPU processes)"
+  echo "run_demo: no GPU found: running the small CPU demo (vit-tiny at 64 px, patch 16, pp=2 on 2 CPU processes)"
   set -x
   exec python3 -m torch.distributed.run --nproc_per_node 2 -m vitboost train \
-    --plugin hybrid_parallel --pp_size 2 --model vit-tiny --image_size 64 --patch_size 8 --dataset "$DATASET" \
-    --augment light --epochs "${EPOCHS_CPU:-4}" -b 32 --lr 1e-3 --weight_decay "$WD" --warmup_ratio 0.1 \
+    --plugin hybrid_parallel --pp_size 2 --model vit-tiny --image_size 64 --patch_size 16 --dataset "$DATASET" \
+    --augment light --epochs "${EPOCHS_CPU:-8}" -b 32 --lr 1e-3 --weight_decay "$WD" --warmup_ratio 0.1 \
     --output "${OUTPUT}_cpu" --overwrite --seed "$SEED" --device cpu "$@"
 fi
 if [ "$gpus" -eq 1 ] && [ -z "$layout_given" ]; then

@@ -26,6 +26,17 @@ def make_imagefolder(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True)
+def _global_torch_settings():
+    """A test that trains in-process turns TF32 on (train's default): put it back, so a later test's
+    fp32 comparisons run at full precision whatever ran before it."""
+    import torch
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_beans(tmp_path_factory) -> Path:
     """8 train, 3 validation, 2 test images per class (24 / 9 / 6)."""

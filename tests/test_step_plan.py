@@ -102,6 +102,46 @@ def test_blocks_with_different_drop_path_rates_share_one_compiled_graph():
     torch._dynamo.reset()
 
 
+def test_evaluation_is_compiled_only_when_the_run_evaluates_enough_batches_to_pay_for_it():
+    config = TrainConfig()
+    config.validate()
+    plan = make_plan(config, "cuda", 1)
+    few = plan_step(plan, config, "cuda", 10**6, eval_batches=41)  # the recipe: 13 validations + test
+    assert few.compile == "blocks" and not few.compile_eval
+    assert any("evaluation runs eagerly" in n for n in few.step_notes)
+    assert plan_step(plan, config, "cuda", 10**6, eval_batches=COMPILE_PAYS_AFTER_STEPS).compile_eval
+    assert plan_step(plan, config, "cuda", 10**6).compile_eval  # unknown: as for a long run
+    assert not plan_step(plan, config, "cuda", 10, eval_batches=10**6).compile_eval  # nothing compiled
+
+
+@pytest.mark.parametrize("compile_eval, graphs", [(False, 1), (True, 2)])
+def test_an_eager_evaluation_adds_no_compiled_graph(monkeypatch, compile_eval, graphs):
+    import dataclasses
+    from torch._dynamo.utils import counters
+    from vitboost.augment import soft_cross_entropy
+    from vitboost.engine import Engine
+    from vitboost.parallel.dims import ParallelDims, init_distributed
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="eager"))
+    init_distributed("cpu")
+    cfg = make_config({"model": "vit-micro", "pretrained": "none", "batch_size": 4, "compile": "true"})
+    dims = ParallelDims(1)
+    dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None)
+    plan = dataclasses.replace(plan_step(make_plan(cfg, "cpu", 1), cfg, "cpu", 10), compile_eval=compile_eval)
+    assert plan.compile == "blocks"
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, cfg, dims, plan, torch.device("cpu"), soft_cross_entropy)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
+    engine.train_step([(x, y)])
+    assert counters["stats"]["unique_graphs"] == 1  # training: one graph for every block
+    engine.logits(x)
+    assert counters["stats"]["unique_graphs"] == graphs  # evaluation: eval mode and no grad is a second graph
+    torch._dynamo.reset()
+
+
 def test_ema_averages_after_each_step_and_evaluates_on_the_average():
     w = torch.nn.Parameter(torch.zeros(3))
     ema = EMA([("w", w)], decay=0.5)

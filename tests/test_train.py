@@ -81,6 +81,50 @@ def test_two_epochs_equal_one_epoch_killed_and_resumed_bitwise(tiny_beans, tmp_p
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_every_background_checkpoint_holds_its_own_steps_state(tiny_beans, tmp_path, monkeypatch, device):
+    # the state is copied at its step and written while training goes on: no write may see a later step's values
+    # (on a GPU, with a write in flight while the step is being captured as a CUDA graph)
+    import torch.distributed.checkpoint as dcp
+    from torch.utils._pytree import tree_map
+    import vitboost.checkpoint as ckpt
+    staged, real_state = [], ckpt._state
+
+    def snapshot(engine):
+        state = real_state(engine)
+        staged.append(tree_map(lambda v: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v, state))
+        return state
+    monkeypatch.setattr(ckpt, "_state", snapshot)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_beans, out, "--device", device, "--save_every", "1", "--keep_checkpoints", "0",
+                           "--async_checkpoint", "--no-export")) == 0
+    folders = sorted((out / "checkpoints").glob("step_*"))
+    assert len(folders) == len(staged) == 6  # 2 epochs x 3 steps, one save per step
+    for folder, expected in zip(folders, staged):
+        on_disk = tree_map(lambda v: torch.empty_like(v) if isinstance(v, torch.Tensor) else v, expected)
+        dcp.load(on_disk, checkpoint_id=folder)
+        tensors = [(k, v) for k, v in leaves(expected) if isinstance(v, torch.Tensor)]
+        assert any(k.startswith("optim.") and "exp_avg" in k for k, _ in tensors)  # AdamW's moments too
+        got = dict(leaves(on_disk))
+        for name, want in tensors:
+            assert torch.equal(got[name], want), (folder.name, name)
+    first, last = staged[0]["model"], staged[-1]["model"]
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the steps really differ
+
+
+def leaves(tree, prefix: str = ""):
+    """(dotted key, value) for every leaf of a nested state dict."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from leaves(v, f"{prefix}{k}.")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], tree
+
+
 def test_sigkill_during_checkpoint_write_leaves_previous_checkpoint_loadable(tiny_beans, tmp_path):
     for attempt in range(5):
         out = tmp_path / f"run{attempt}"
@@ -196,7 +240,7 @@ def test_models_use_mask_free_sdpa_whatever_their_source_and_export_plain_config
 
 def test_summary_breaks_the_run_time_down_by_phase(tiny_beans, tmp_path):
     out = tmp_path / "run"
-    assert main(train_args(tiny_beans, out, "--epochs", "1")) == 0
+    assert main(train_args(tiny_beans, out, "--epochs", "2")) == 0
     s = json.loads((out / "summary.json").read_text())
     phases = ("launch", "startup", "data", "model", "teacher", "resume", "train", "final_eval", "final_checkpoint",
               "export")
@@ -204,6 +248,27 @@ def test_summary_breaks_the_run_time_down_by_phase(tiny_beans, tmp_path):
     assert abs(sum(s["timings_s"].values()) - s["total_seconds"]) < 0.1
     before_accuracy = sum(v for k, v in s["timings_s"].items() if k not in ("final_checkpoint", "export"))
     assert abs(s["seconds_to_accuracy"] - before_accuracy) < 0.1  # the accuracy is printed before those two
+    inside = s["train_breakdown_s"]  # the train phase: stepping, epoch-end validations, epoch 1's checkpoint
+    assert set(inside) == {"steps", "validation", "checkpoints"} and all(v > 0 for v in inside.values())
+    assert abs(sum(inside.values()) - s["timings_s"]["train"]) < 0.01
+
+
+def test_the_last_checkpoint_is_saved_after_the_final_evaluation(tiny_beans, tmp_path, monkeypatch):
+    # a write running beside the final eval slowed it 4x: the accuracy is printed first, then the state is saved
+    import vitboost.checkpoint as ckpt
+    import vitboost.train as train_module
+    out, at_test_eval = tmp_path / "run", []
+    real = train_module.evaluate
+
+    def spy(engine, split, *a, **k):
+        if len(split) == 6:  # the test split, evaluated only at the end
+            pending = ckpt._pending.final.name if ckpt._pending is not None else None
+            at_test_eval.append((pending, (out / "checkpoints" / "step_00000006").exists()))
+        return real(engine, split, *a, **k)
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    assert main(train_args(tiny_beans, out, "--async_checkpoint")) == 0  # 2 epochs x 3 steps
+    assert len(at_test_eval) == 1 and at_test_eval[0][0] != "step_00000006" and not at_test_eval[0][1]
+    assert is_complete(out / "checkpoints" / "step_00000006")
 
 
 def test_the_final_validation_is_the_last_epochs_not_a_second_pass(tiny_beans, tmp_path, monkeypatch):

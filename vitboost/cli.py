@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -186,6 +187,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_cuda() -> threading.Thread:
+    """Start CUDA (driver and this rank's context, ~0.4 s) in a thread while transformers is imported
+    (3-4 s of Python that does not wait for it): 0.3-0.5 s off a GPU run's launch (BENCHMARKS.md
+    section 22). Any failure is left to the main thread, which starts CUDA itself and says what is wrong."""
+    def start() -> None:
+        try:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # the rank's own GPU, not GPU 0
+                torch.empty(1, device="cuda")
+        except Exception:  # noqa: BLE001 (reported by the main thread's own start)
+            pass
+    thread = threading.Thread(target=start, name="vitboost-cuda-start", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     """argv None: the command line of this process, whose start the launch phase counts from;
     a list (an in-process call): the launch phase counts from this call."""
@@ -200,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"eval": _eval, "predict": _predict, "export": _export}
     if argv is None and args.command in ("train", "eval", "predict", "export"):
         from .model import import_transformers_lean
+        cuda = _start_cuda() if args.command == "train" and args.device != "cpu" else None
         import_transformers_lean()  # this process runs vitboost alone: skip transformers' unused extras
+        if cuda is not None:
+            cuda.join()
     try:
         if args.command == "bench":
             from .bench import run_bench

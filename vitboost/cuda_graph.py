@@ -11,7 +11,10 @@ What capture needs, and how it is met here:
   refreshed from the scheduler's float before every replay (so the scheduler, its state and
   the checkpoints keep plain floats);
 - warm-up on a side stream before capture (lazy state: AdamW moments, cuBLAS handles);
-- FlashAttention / memory-efficient SDPA only: cuDNN attention failed inside a capture.
+- FlashAttention / memory-efficient SDPA only: cuDNN attention failed inside a capture;
+- other threads keep using CUDA meanwhile (a checkpoint's background write syncs its own stream; in
+  the default global mode that invalidated the capture and crashed the run whenever an epoch ended
+  before the capture step): only this thread's calls are checked (``capture_error_mode="thread_local"``).
 Randomness (dropout, drop-path) comes from the default CUDA generator, which graphs advance
 on every replay. Eval, checkpoint save and resume use the same parameter tensors outside the
 graph; state loads that replace tensors (optimizer resume) happen before the capture.
@@ -72,7 +75,7 @@ class GraphedStep:
             g["capturable"], g["lr"] = True, lr  # captured by pointer; refreshed before each replay
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph), sdpa_for_capture():
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"), sdpa_for_capture():
                 self.loss, self.norm = self.step(self.x, self.y)
         finally:
             for g, lr in zip(groups, floats):

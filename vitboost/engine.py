@@ -188,7 +188,8 @@ class Engine:
     @torch.no_grad()
     def logits(self, images: Tensor) -> Tensor:
         self.model.eval()
-        with self.autocast():
+        eager = contextlib.nullcontext() if self.plan.compile_eval else torch.compiler.set_stance("force_eager")
+        with self.autocast(), eager:
             if self.runner is not None:
                 out = self.runner.forward(images)
             else:

@@ -1,7 +1,7 @@
 """The training loop. It reads top to bottom and does not know which strategy runs it.
 
     setup (process group, mesh, data, model, engine) -> resume? -> epochs of steps
-      -> eval each epoch -> checkpoint -> final eval (validation, test) -> export, summary
+      -> eval each epoch -> checkpoint -> final eval (validation, test) -> last checkpoint -> export, summary
 
 summary.json's ``timings_s`` breaks the run down by phase, from the process's start (``launch``:
 interpreter, imports, argument parsing) to the export.
@@ -13,6 +13,7 @@ process on the whole batch. Tensor and pipeline ranks of one dp group take the s
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -173,7 +174,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
     train_split = data.splits["train"]
     global_batch, steps_per_epoch, total_steps = _run_length(cfg, len(train_split), dims.dp)
-    plan = plan_step(plan, cfg, device.type, total_steps)  # compile / CUDA graph: depends on the run's length
+    plan = plan_step(plan, cfg, device.type, total_steps,  # compile / CUDA graph: depend on the run's length
+                     _eval_batches(cfg, data.splits, dims.dp))
     for note in (plan.reason, *plan.step_notes):
         if note:
             say(note)
@@ -220,6 +222,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     log = Logger(out / "metrics.jsonl" if is_main else None, make_sinks(
         cfg.report_to, out, data.label_names, step if found else None, say) if is_main else None)
 
+    inside_train = {"validation": 0.0, "checkpoints": 0.0}  # seconds of the train phase not spent stepping
+
     def checkpoint(wait: bool = True) -> None:
         """Save this step, once (an epoch end can also be a --save_every step). wait=False: an epoch end
         before the last, which _writer_busy may skip."""
@@ -227,9 +231,11 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             return
         state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
         layout = {"world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
+        t0 = _synced_now(device)
         save_checkpoint(ckpt_root, step, engine, {**state.state_dict(), **layout}, state.rng_state_dict(),
                         keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
         state.saved_step = step
+        inside_train["checkpoints"] += time.perf_counter() - t0
 
     lap("resume")
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
@@ -266,7 +272,9 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         if batch_in_epoch >= batches.per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
+                t0 = _synced_now(device)
                 m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
+                inside_train["validation"] += time.perf_counter() - t0
                 last_validation = {step: m}
                 history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(**history[-1])
@@ -274,14 +282,15 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                 if is_main:
                     bar.write(f"epoch {epoch}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
             last_epoch = epoch == cfg.epochs or step >= total_steps
-            if epoch % cfg.save_epochs == 0 or last_epoch:
-                checkpoint(wait=last_epoch)
+            if epoch % cfg.save_epochs == 0 and not last_epoch:  # the last state is saved after the final eval
+                checkpoint(wait=False)
     bar.close()
-    checkpoint()  # stopped by --max_steps, between --save_epochs or by a signal: keep the last state
     if preempt.stopped:
+        checkpoint()
         finish_pending()
         raise preempt.exit(step, ckpt_root / f"step_{step:08d}", is_main)
     lap("train")
+    train_breakdown = {**inside_train, "steps": timings["train"] - sum(inside_train.values())}
 
     results = {}
     for split in ("validation", "test"):
@@ -293,8 +302,12 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     log.close()
     lap("final_eval")
     to_accuracy = round(last - launched, 2)  # launch to printed accuracy: what a user waits for
-    finish_pending()  # the last checkpoint, written while the final eval ran, is on disk before the export
-    lap("final_checkpoint")  # (which then has the disk to itself) and before the process exits
+    # the last state, saved once its accuracy is printed (HF Trainer's order too: evaluate, then save):
+    # a write running beside the final eval slowed it 4x on CPU (BENCHMARKS.md section 22); on disk
+    # before the export (which then has the disk to itself) and before the process exits
+    checkpoint()
+    finish_pending()
+    lap("final_checkpoint")
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
                "steps": step, "train_seconds": round(timings["train"], 2), "eval": results, "history": history,
@@ -304,6 +317,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
     lap("export")
     summary["timings_s"] = timings
+    summary["train_breakdown_s"] = {k: round(v, 3) for k, v in train_breakdown.items()}
     summary["seconds_to_accuracy"], summary["total_seconds"] = to_accuracy, round(time.perf_counter() - launched, 2)
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -342,6 +356,14 @@ def _run_length(cfg: TrainConfig, train_images: int, dp: int) -> tuple[int, int,
                           f"({global_batch * cfg.grad_accum} = batch_size*dp*grad_accum); lower --batch_size")
     total_steps = cfg.epochs * steps_per_epoch
     return global_batch, steps_per_epoch, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+
+
+def _eval_batches(cfg: TrainConfig, splits: dict, dp: int) -> int:
+    """Evaluation batches a data-parallel rank takes in the run: per-epoch validations, the final test."""
+    def batches(split: str) -> int:
+        return math.ceil(math.ceil(len(splits[split]) / dp) / cfg.eval_batch_size) if split in splits else 0
+    validations = cfg.epochs // cfg.eval_every if cfg.eval_every else 1
+    return batches("validation") * max(1, validations) + batches("test")
 
 
 def _writer_busy(cfg: TrainConfig, step: int, say) -> bool:
@@ -431,6 +453,13 @@ def _dp_mean(t: torch.Tensor, group) -> float:
         if t.device.type != "cuda":
             t /= dist.get_world_size(group)
     return float(t)
+
+
+def _synced_now(device: torch.device) -> float:
+    """The clock once the device has run what is queued, so a timed phase excludes earlier steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _barrier() -> None:

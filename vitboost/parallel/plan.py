@@ -37,6 +37,7 @@ class Plan:
     zero1: bool = False
     reason: str = ""
     compile: str = "none"  # "none" | "blocks" (one graph all blocks share) | "model" (the whole single module)
+    compile_eval: bool = False  # evaluation runs the compiled code too (else eagerly: see plan_step)
     cuda_graph: bool = False  # the whole step captured once and replayed (vitboost.cuda_graph)
     step_notes: tuple[str, ...] = ()  # what was chosen for the step and why, for the log
 
@@ -140,12 +141,19 @@ def choose_auto(cfg: TrainConfig, device_type: str, world_size: int, num_params:
 # tensor they share one graph, compiled once. On an H200 (BENCHMARKS.md section 21) that runs as fast
 # as the whole model compiled (ViT-B b32 2,696 vs 2,682 img/s, vit-small b128 7,951 vs 8,005,
 # vit-tiny@160 b128 5.42 vs 5.22 ms) and compiles in 3-7 s instead of 24-29 s. On top of a CUDA-graphed
-# step it saves 2-8 ms a step, so it pays back after 400-1,400 steps: auto compiles runs this long.
-COMPILE_PAYS_AFTER_STEPS = 1500
+# step it saves 2-8 ms a step: it pays back after ~400 steps (vit-small b128), ~900 (ViT-B b32), ~1,300
+# (vit-tiny@160 b128) and ~3,100 (ViT-B b16: 2.0 ms saved for 6.2 s more warm-up, section 22). Auto
+# compiles runs at least as long as the slowest of these, so no run gets slower.
+COMPILE_PAYS_AFTER_STEPS = 3000
 
 
-def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int | None) -> Plan:
-    """Decide --compile / --cuda_graph (auto, true, false) for this plan and run length; say why."""
+def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int | None,
+              eval_batches: int | None = None) -> Plan:
+    """Decide --compile / --cuda_graph (auto, true, false) for this plan and run length; say why.
+    eval_batches: the evaluation batches the run will take (None: many). Evaluation (eval mode, no
+    grad) is a second graph to compile; it is compiled only when the run evaluates as many batches as
+    a training run needs steps to pay back compiling, otherwise the compiled blocks run eagerly there
+    (in the recipe, 13 evaluations of 133 images took 3.1 s, most of it that compile)."""
     from ..cuda_graph import graph_unsupported_reason
     notes = []
     single = plan.data_parallel == "none" and cfg.tp_size == 1 and cfg.pp_size == 1 and not plan.cpu_offload
@@ -177,4 +185,9 @@ def plan_step(plan: Plan, cfg: TrainConfig, device_type: str, total_steps: int |
     if cfg.cuda_graph == "auto":
         notes.append("cuda_graph: on (auto: the step runs in one process with no host sync)" if graph
                      else f"cuda_graph: off (auto: {why_not})")
-    return dataclasses.replace(plan, compile=compile, cuda_graph=graph, step_notes=tuple(notes))
+    compile_eval = compile != "none" and (eval_batches is None or eval_batches >= COMPILE_PAYS_AFTER_STEPS)
+    if compile != "none" and not compile_eval:
+        notes.append(f"compile: evaluation runs eagerly ({eval_batches} batches < {COMPILE_PAYS_AFTER_STEPS}, "
+                     f"too few to pay back compiling its graph)")
+    return dataclasses.replace(plan, compile=compile, compile_eval=compile_eval, cuda_graph=graph,
+                               step_notes=tuple(notes))
