@@ -12,6 +12,7 @@ process on the whole batch. Tensor and pipeline ranks of one dp group take the s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -140,19 +141,46 @@ class Meter:
         return row
 
 
+class RunClock:
+    """Where a run's time goes, for summary.json: ``phases`` (timings_s), seconds per phase from the
+    process's start (launched, on time.perf_counter's clock); ``inside_train`` (train_breakdown_s), the
+    train phase's seconds spent in epoch-end validations and checkpoints, each timed from a device sync
+    so queued steps are not counted, and the rest as steps."""
+
+    def __init__(self, launched: float | None):
+        self.last = time.perf_counter()
+        self.launched = self.last if launched is None else launched
+        self.phases = {"launch": round(self.last - self.launched, 3)}
+        self.inside_train = {"validation": 0.0, "checkpoints": 0.0}
+        self.device: torch.device | None = None
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase], self.last = round(now - self.last, 3), now
+        if phase == "train":
+            self.inside_train = {k: round(v, 3) for k, v in self.inside_train.items()}
+            self.inside_train["steps"] = round(self.phases["train"] - sum(self.inside_train.values()), 3)
+
+    @contextlib.contextmanager
+    def inside(self, part: str):
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        yield
+        if part in self.inside_train and "train" not in self.phases:
+            self.inside_train[part] += time.perf_counter() - t0
+
+    def since_launch(self) -> float:
+        """Up to the last lap."""
+        return round(self.last - self.launched, 2)
+
+
 def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     """launched: when the process started (time.perf_counter's clock), for the ``launch`` phase."""
-    t_start = time.perf_counter()
-    launched = t_start if launched is None else launched
-    timings = {"launch": round(t_start - launched, 3)}  # seconds per phase: the breakdown in summary.json
-    last = t_start
-
-    def lap(phase: str) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        timings[phase], last = round(now - last, 3), now
+    clock = RunClock(launched)
+    lap = clock.lap
     rank, local_rank, world = world_info()
-    device = pick_device(cfg.device, local_rank)
+    device = clock.device = pick_device(cfg.device, local_rank)
     set_tf32(cfg.tf32)
     init_distributed(device.type)
     is_main = rank == 0
@@ -222,8 +250,6 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     log = Logger(out / "metrics.jsonl" if is_main else None, make_sinks(
         cfg.report_to, out, data.label_names, step if found else None, say) if is_main else None)
 
-    inside_train = {"validation": 0.0, "checkpoints": 0.0}  # seconds of the train phase not spent stepping
-
     def checkpoint(wait: bool = True) -> None:
         """Save this step, once (an epoch end can also be a --save_every step). wait=False: an epoch end
         before the last, which _writer_busy may skip."""
@@ -231,11 +257,10 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             return
         state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
         layout = {"world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
-        t0 = _synced_now(device)
-        save_checkpoint(ckpt_root, step, engine, {**state.state_dict(), **layout}, state.rng_state_dict(),
-                        keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
+        with clock.inside("checkpoints"):
+            save_checkpoint(ckpt_root, step, engine, {**state.state_dict(), **layout}, state.rng_state_dict(),
+                            keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
         state.saved_step = step
-        inside_train["checkpoints"] += time.perf_counter() - t0
 
     lap("resume")
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
@@ -272,9 +297,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         if batch_in_epoch >= batches.per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
             if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
-                t0 = _synced_now(device)
-                m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
-                inside_train["validation"] += time.perf_counter() - t0
+                with clock.inside("validation"):
+                    m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
                 last_validation = {step: m}
                 history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(**history[-1])
@@ -290,7 +314,6 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         finish_pending()
         raise preempt.exit(step, ckpt_root / f"step_{step:08d}", is_main)
     lap("train")
-    train_breakdown = {**inside_train, "steps": timings["train"] - sum(inside_train.values())}
 
     results = {}
     for split in ("validation", "test"):
@@ -301,7 +324,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             log.evaluation(split, step, results[split], final=True)
     log.close()
     lap("final_eval")
-    to_accuracy = round(last - launched, 2)  # launch to printed accuracy: what a user waits for
+    to_accuracy = clock.since_launch()  # launch to printed accuracy: what a user waits for
     # the last state, saved once its accuracy is printed (HF Trainer's order too: evaluate, then save):
     # a write running beside the final eval slowed it 4x on CPU (BENCHMARKS.md section 22); on disk
     # before the export (which then has the disk to itself) and before the process exits
@@ -310,15 +333,14 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     lap("final_checkpoint")
     summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
-               "steps": step, "train_seconds": round(timings["train"], 2), "eval": results, "history": history,
+               "steps": step, "train_seconds": round(clock.phases["train"], 2), "eval": results, "history": history,
                "skipped_images": data.skipped, **({"teacher": teacher} if teacher else {})}
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
     lap("export")
-    summary["timings_s"] = timings
-    summary["train_breakdown_s"] = {k: round(v, 3) for k, v in train_breakdown.items()}
-    summary["seconds_to_accuracy"], summary["total_seconds"] = to_accuracy, round(time.perf_counter() - launched, 2)
+    summary["timings_s"], summary["train_breakdown_s"] = clock.phases, clock.inside_train
+    summary["seconds_to_accuracy"], summary["total_seconds"] = to_accuracy, round(time.perf_counter() - clock.launched, 2)
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plot:
@@ -453,13 +475,6 @@ def _dp_mean(t: torch.Tensor, group) -> float:
         if t.device.type != "cuda":
             t /= dist.get_world_size(group)
     return float(t)
-
-
-def _synced_now(device: torch.device) -> float:
-    """The clock once the device has run what is queued, so a timed phase excludes earlier steps."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _barrier() -> None:
