@@ -122,3 +122,17 @@ def test_layouts_that_do_not_fit_the_model():
         _check_layout(cfg, model, ParallelDims(4, pp=4))
     with pytest.raises(LayoutError, match="world size 6 is not divisible by tp_size\\*pp_size = 2\\*2"):
         ParallelDims(6, tp=2, pp=2)
+
+
+def test_cuda_is_started_early_only_for_a_run_that_may_use_a_gpu(tmp_path):
+    from vitboost.cli import _may_use_gpu, build_parser
+    on_cpu = tmp_path / "cpu.yaml"
+    on_cpu.write_text("device: cpu\n")
+    parse = build_parser().parse_args
+    assert _may_use_gpu(parse(["train"])) and _may_use_gpu(parse(["train", "--device", "cuda"]))
+    assert not _may_use_gpu(parse(["train", "--device", "cpu"]))
+    assert not _may_use_gpu(parse(["train", "--config", str(on_cpu)]))  # the config file's device
+    assert _may_use_gpu(parse(["train", "--config", str(on_cpu), "--device", "auto"]))  # a flag overrides it
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("device: [unclosed\n")
+    assert _may_use_gpu(parse(["train", "--config", str(broken)]))  # reported later, by make_config

@@ -187,6 +187,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _may_use_gpu(args: argparse.Namespace) -> bool:
+    """Whether a train command may run on a GPU: its --device, else its config file's (read leniently
+    here: make_config checks the file later and reports what is wrong with it)."""
+    device = args.device
+    if device is None and args.config:
+        try:
+            import yaml
+            device = (yaml.safe_load(Path(args.config).read_text()) or {}).get("device")
+        except Exception:  # noqa: BLE001 (a bad file is reported by make_config)
+            device = None
+    return device != "cpu"
+
+
 def _start_cuda() -> threading.Thread:
     """Start CUDA (driver and this rank's context, ~0.4 s) in a thread while transformers is imported
     (3-4 s of Python that does not wait for it): 0.3-0.5 s off a GPU run's launch (BENCHMARKS.md
@@ -218,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"eval": _eval, "predict": _predict, "export": _export}
     if argv is None and args.command in ("train", "eval", "predict", "export"):
         from .model import import_transformers_lean
-        cuda = _start_cuda() if args.command == "train" and args.device != "cpu" else None
+        cuda = _start_cuda() if args.command == "train" and _may_use_gpu(args) else None
         import_transformers_lean()  # this process runs vitboost alone: skip transformers' unused extras
         if cuda is not None:
             cuda.join()
