@@ -1,13 +1,12 @@
 """Does starting CUDA in a thread overlap with the transformers import (what `vitboost train` does)?
 One fresh process per way: ``seq`` imports transformers' ViT code, then starts CUDA; ``thread`` starts
-CUDA in a thread first. Prints the seconds of each part and the total.
+CUDA first in the CLI's thread (``vitboost.cli._start_cuda``). Prints the seconds of each part and the total.
 
     for i in 1 2; do python benchmarks/cuda_start.py seq; python benchmarks/cuda_start.py thread; done
 
 BENCHMARKS.md section 22. Run it with Python's bytecode cached, or every process compiles every module.
 """
 import sys
-import threading
 import time
 
 t0 = time.perf_counter()
@@ -17,8 +16,8 @@ t1 = time.perf_counter()
 way = sys.argv[1] if len(sys.argv) > 1 else "seq"
 thread = None
 if way == "thread":
-    thread = threading.Thread(target=lambda: (torch.cuda.init(), torch.empty(1, device="cuda")))
-    thread.start()
+    from vitboost.cli import _start_cuda  # what `vitboost train` runs
+    thread = _start_cuda()
 from vitboost.model import import_transformers_lean  # noqa: E402
 
 import_transformers_lean()

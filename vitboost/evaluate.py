@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from .data import ImageSplit, StreamingSplit, normalize
 
 
+def batches_per_rank(n: int, batch_size: int, dp_size: int = 1) -> int:
+    """How many batches each data-parallel rank runs to evaluate n samples (padded shards)."""
+    return math.ceil(math.ceil(n / dp_size) / batch_size)
+
+
 @torch.no_grad()
 def evaluate(engine, split: ImageSplit | StreamingSplit, label_names: list[str], *, batch_size: int, mean, std,
              dp_rank: int = 0, dp_size: int = 1, dp_group: dist.ProcessGroup | None = None) -> dict:
@@ -23,7 +28,7 @@ def evaluate(engine, split: ImageSplit | StreamingSplit, label_names: list[str],
     per_rank = math.ceil(n / dp_size)
     start, end = dp_rank * per_rank, min(n, (dp_rank + 1) * per_rank)
     sums = torch.zeros(2 + c * c, dtype=torch.float64, device=device)  # loss_sum, count, confusion
-    for b in range(math.ceil(per_rank / batch_size)):
+    for b in range(batches_per_rank(n, batch_size, dp_size)):
         ids = torch.arange(start + b * batch_size, start + (b + 1) * batch_size)
         valid = (ids < end).to(device)
         ids = ids.clamp(max=n - 1)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import sys
 import time
@@ -31,7 +30,7 @@ from .config import ConfigError, TrainConfig, check_patch_grid
 from .data import ImageDataset, ImageSplit, load_image_dataset, num_batches
 from .distill import check_teacher, make_distiller
 from .engine import Engine, cosine_schedule
-from .evaluate import evaluate
+from .evaluate import batches_per_rank, evaluate
 from .lora import apply_lora, check_resume as check_lora_resume
 from .model import Preprocess, build_model
 from .export import export_checkpoint, export_state, save_run_config
@@ -145,7 +144,7 @@ class RunClock:
     """Where a run's time goes, for summary.json: ``phases`` (timings_s), seconds per phase from the
     process's start (launched, on time.perf_counter's clock); ``inside_train`` (train_breakdown_s), the
     train phase's seconds spent in epoch-end validations and checkpoints, each timed from a device sync
-    so queued steps are not counted, and the rest as steps."""
+    so queued steps are not counted (train_breakdown() adds the rest as steps)."""
 
     def __init__(self, launched: float | None):
         self.last = time.perf_counter()
@@ -157,9 +156,6 @@ class RunClock:
     def lap(self, phase: str) -> None:
         now = time.perf_counter()
         self.phases[phase], self.last = round(now - self.last, 3), now
-        if phase == "train":
-            self.inside_train = {k: round(v, 3) for k, v in self.inside_train.items()}
-            self.inside_train["steps"] = round(self.phases["train"] - sum(self.inside_train.values()), 3)
 
     @contextlib.contextmanager
     def inside(self, part: str):
@@ -169,6 +165,11 @@ class RunClock:
         yield
         if part in self.inside_train and "train" not in self.phases:
             self.inside_train[part] += time.perf_counter() - t0
+
+    def train_breakdown(self) -> dict[str, float]:
+        """The train phase as steps, validation and checkpoints (after lap("train"))."""
+        parts = {k: round(v, 3) for k, v in self.inside_train.items()}
+        return {**parts, "steps": round(self.phases["train"] - sum(parts.values()), 3)}
 
     def since_launch(self) -> float:
         """Up to the last lap."""
@@ -339,7 +340,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
     lap("export")
-    summary["timings_s"], summary["train_breakdown_s"] = clock.phases, clock.inside_train
+    summary["timings_s"], summary["train_breakdown_s"] = clock.phases, clock.train_breakdown()
     summary["seconds_to_accuracy"], summary["total_seconds"] = to_accuracy, round(time.perf_counter() - clock.launched, 2)
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -383,7 +384,7 @@ def _run_length(cfg: TrainConfig, train_images: int, dp: int) -> tuple[int, int,
 def _eval_batches(cfg: TrainConfig, splits: dict, dp: int) -> int:
     """Evaluation batches a data-parallel rank takes in the run: per-epoch validations, the final test."""
     def batches(split: str) -> int:
-        return math.ceil(math.ceil(len(splits[split]) / dp) / cfg.eval_batch_size) if split in splits else 0
+        return batches_per_rank(len(splits[split]), cfg.eval_batch_size, dp) if split in splits else 0
     validations = cfg.epochs // cfg.eval_every if cfg.eval_every else 1
     return batches("validation") * max(1, validations) + batches("test")
 
