@@ -142,6 +142,45 @@ def test_an_eager_evaluation_adds_no_compiled_graph(monkeypatch, compile_eval, g
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_the_graph_compiled_ahead_is_the_one_the_first_step_runs(monkeypatch, device):
+    """While a teacher trains, the blocks' graph compiles in a thread on a one-block copy of the model.
+    The model's blocks must then find that graph (no second compile), and the copy must leave the
+    model's weights, gradients and random stream as they were."""
+    from torch._dynamo.utils import counters
+    from vitboost.augment import soft_cross_entropy
+    from vitboost.compile_ahead import CompileAhead, compile_ahead
+    from vitboost.engine import Engine
+    from vitboost.parallel.dims import ParallelDims, init_distributed
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="aot_eager"))
+    init_distributed("cpu")
+    cfg = make_config({"model": "vit-micro", "pretrained": "none", "batch_size": 4, "compile": "true",
+                       "mixed_precision": "bf16" if device == "cuda" else "fp32", "drop_path": 0.1})
+    dims = ParallelDims(1)
+    dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None)
+    apply_drop_path(model, cfg.drop_path)
+    plan = plan_step(make_plan(cfg, device, 1), cfg, device, 10)
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(model, cfg, dims, plan, torch.device(device), soft_cross_entropy)
+    assert compile_ahead(engine, cfg, 32) is None  # nothing to overlap with: no teacher to train
+    weights = [p.detach().clone() for p in engine.params]
+    x = torch.randn(4, 3, 32, 32, device=device)
+    rng = torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+    CompileAhead(engine.model, torch.zeros_like(x), engine.autocast).start().join()
+    assert counters["stats"]["unique_graphs"] == 1 and counters["aot_autograd"]["total"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(weights, engine.params))
+    assert all(p.grad is None for p in engine.params)
+    assert torch.equal(rng, torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state())
+    engine.train_step([(x, torch.randint(0, 3, (4,), device=device))])
+    assert counters["stats"]["unique_graphs"] == 1 and counters["aot_autograd"]["total"] == 1  # nothing new
+    torch._dynamo.reset()
+
+
 def test_ema_averages_after_each_step_and_evaluates_on_the_average():
     w = torch.nn.Parameter(torch.zeros(3))
     ema = EMA([("w", w)], decay=0.5)

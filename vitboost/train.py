@@ -26,6 +26,7 @@ from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
 from .batches import TrainBatches
 from .checkpoint import close as close_checkpoints
 from .checkpoint import finish_pending, publish_finished, resume_checkpoint, save_checkpoint, writing
+from .compile_ahead import compile_ahead
 from .config import ConfigError, TrainConfig, check_patch_grid
 from .data import ImageDataset, ImageSplit, load_image_dataset, num_batches
 from .distill import check_teacher, make_distiller
@@ -223,9 +224,13 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             and train_split.images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]):
         train_split = ImageSplit(train_split.images.to(device), train_split.labels.to(device))
     lap("model")
+    ahead = compile_ahead(engine, cfg, size)  # the blocks' graph compiles while the teacher trains
     distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names, pre, device, out,
                                         is_main, say)
     lap("teacher")
+    if ahead is not None:
+        ahead.join(say)
+        lap("compile")
     batches = TrainBatches(train_split, augment, distiller, global_batch=global_batch,
                            per_epoch=steps_per_epoch * cfg.grad_accum, dp=dims.dp, dp_rank=dp_rank, seed=cfg.seed,
                            image_size=size, device=device)
