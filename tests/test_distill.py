@@ -133,3 +133,26 @@ def test_on_a_gpu_the_teacher_trains_as_one_graph_and_distilled_chunks_never_wai
     assert len(got) == 8
     for y in got:
         torch.testing.assert_close(y.sum(1), torch.ones(16, device=device))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_work_beside_the_teacher_starts_once_its_step_is_captured(monkeypatch, device):
+    """The student's compile runs beside the teacher's training, but never beside its CUDA-graph capture:
+    a draw from the device's generator in another thread during the capture breaks it ("Offset increment
+    outside graph capture", BENCHMARKS.md section 23). So it starts once, after the capture."""
+    from vitboost.config import TrainConfig
+    from vitboost.cuda_graph import GraphedStep
+    from vitboost.data import ImageSplit
+    from vitboost.distill import _named, _train
+
+    captured, seen = [], []
+    capture = GraphedStep._capture
+    monkeypatch.setattr(GraphedStep, "_capture", lambda self, x, y: (capture(self, x, y), captured.append(1))[0])
+    dev = torch.device(device)
+    split = ImageSplit(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device=dev),
+                       (torch.arange(64) % 3).to(dev))
+    teacher = _named("resnet-tiny", 3, dev, seed=0)
+    _train(teacher, split, 3, (0.5,) * 3, (0.25,) * 3, TrainConfig(batch_size=16, teacher_epochs=2, seed=0), dev,
+           beside=lambda: seen.append(len(captured)))
+    assert seen == ([1] if device == "cuda" else [0])  # once; on a GPU after the capture

@@ -1,15 +1,19 @@
-"""Compile the blocks' shared graph in a background thread while the run does other work.
+"""Compile the blocks' shared graph in a background thread while the distillation teacher trains.
 
 With ``--compile blocks`` every ViT block runs one compiled graph, compiled at the first training
-step: on a fresh machine (no Inductor cache) that costs the recipe ~6 s before its first step
-(BENCHMARKS.md section 22). A run that trains a distillation teacher first spends ~3.5 s on it, and
-the two do not depend on each other. So the graph is compiled during the teacher's training, on a
-copy of the model cut to one block, with a batch of zeros shaped like a training micro-batch: the
-real blocks then find the graph in dynamo's cache (same code, same guards) and the first step only
-runs it. Inductor's kernel compiles run in its worker processes; the thread itself mostly traces.
+step: on a fresh machine (no Inductor cache) that cost the recipe ~6 s before its first step
+(BENCHMARKS.md section 22), after ~3.5 s of teacher training that does not depend on it. So the graph
+is compiled beside the teacher, on a copy of the model cut to one block, with a batch of zeros shaped
+like a training micro-batch: the real blocks then find it in dynamo's cache (same code, same guards)
+and the first step only runs it. Inductor's kernel compiles run in its worker processes; the thread
+mostly traces, which slows the teacher's host-bound loop a little (section 23: 3.7 -> 5-6 s, for
+~8 s of compile moved off the critical path).
 
-The copy's forward draws drop-path masks from the device's generator; ``join`` puts that
-generator back as it found it, so the run's random stream is the same with or without this.
+It starts once the teacher's step is captured as a CUDA graph, never before: its forward draws
+drop-path masks from the device's generator, and a draw from another thread during a capture breaks
+the capture ("Offset increment outside graph capture"). ``join`` puts that generator back as it was
+at the start, so the student's random stream is what it would have been without this (the teacher's
+captured step draws nothing from it).
 """
 from __future__ import annotations
 
@@ -41,7 +45,10 @@ class CompileAhead:
         return self
 
     def join(self, say=lambda *a: None) -> float:
-        """Wait for the compile; the seconds the caller waited for it."""
+        """Wait for the compile; the seconds the caller waited for it (0 if it never started: the
+        first training step compiles then, as without this)."""
+        if self._rng is None:
+            return 0.0
         t0 = time.perf_counter()
         self._thread.join()
         _set_rng_state(self.device, self._rng)
@@ -95,11 +102,12 @@ def _set_rng_state(device: torch.device, state: Tensor) -> None:
 
 
 def compile_ahead(engine, cfg, image_size: int) -> CompileAhead | None:
-    """Start compiling beside the teacher's training when there is one and the blocks are compiled in a
-    single module on a GPU (FSDP/TP/PP wrap or split the blocks: their graphs differ from a plain copy's)."""
+    """What compiles beside the teacher's training (start() it there), when there is a teacher and the
+    blocks are compiled in a single module on a GPU (FSDP/TP/PP wrap or split the blocks: their graphs
+    differ from a plain copy's)."""
     plan, dims = engine.plan, engine.dims
     if (plan.compile != "blocks" or engine.device.type != "cuda" or cfg.distillation_type == "none"
             or dims.tp_enabled or dims.pp_enabled or plan.data_parallel == "fsdp" or plan.cpu_offload):
         return None
     images = torch.zeros(cfg.batch_size, 3, image_size, image_size, device=engine.device)
-    return CompileAhead(getattr(engine.model, "module", engine.model), images, engine.autocast).start()
+    return CompileAhead(getattr(engine.model, "module", engine.model), images, engine.autocast)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,8 +62,12 @@ class Distiller:
 
 def make_distiller(cfg: TrainConfig, augment: GpuAugment, split, eval_splits: dict,
                    label_names: list[str], pre: Preprocess, device: torch.device,
-                   out: Path, is_main: bool, say) -> tuple[Distiller | None, dict | None]:
-    """The teacher (loaded, or trained now) wrapped around ``augment``; (None, None) without distillation."""
+                   out: Path, is_main: bool, say, beside: Callable[[], None] | None = None,
+                   ) -> tuple[Distiller | None, dict | None]:
+    """The teacher (loaded, or trained now) wrapped around ``augment``; (None, None) without distillation.
+    beside: started once the teacher's training step is captured as a CUDA graph (at once when the teacher
+    is loaded), to run beside the rest of its training; no other thread may use the GPU during a capture."""
+    beside = beside or (lambda: None)
     if cfg.distillation_type == "none":
         return None, None
     if not isinstance(split, ImageSplit):
@@ -73,14 +78,16 @@ def make_distiller(cfg: TrainConfig, augment: GpuAugment, split, eval_splits: di
     saved = out / "teacher"
     info: dict = {"model": cfg.teacher_model}
     if (saved / "config.json").is_file() and cfg.resume:  # resumed: the teacher this run trained
+        beside()
         teacher, info["source"] = _load(saved, label_names, device), f"loaded from {saved}"
     elif cfg.teacher_model in TEACHERS:
         teacher = _named(cfg.teacher_model, len(label_names), device, cfg.seed)
-        _train(teacher, split, len(label_names), mean, std, cfg, device)
+        _train(teacher, split, len(label_names), mean, std, cfg, device, beside)
         info["source"] = f"trained {cfg.teacher_epochs} epochs here"
         if is_main:  # with the student's preprocessing: loads in transformers.pipeline, or as --teacher_model
             export_pretrained(teacher, pre, saved)
     else:
+        beside()
         teacher, info["source"] = _load(Path(cfg.teacher_model), label_names, device), "loaded"
     for name in ("validation", "test"):  # reported, never used to choose anything
         if name in eval_splits:
@@ -126,7 +133,7 @@ def _load(folder: Path, label_names: list[str], device: torch.device) -> nn.Modu
 
 
 def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cfg: TrainConfig,
-           device: torch.device) -> None:
+           device: torch.device, beside: Callable[[], None] = lambda: None) -> None:
     """A plain loop, the same on every rank (same seed, same batches), then rank 0's weights everywhere.
     On a GPU its step is one CUDA graph and its batches come a chunk at a time, like the student's:
     a small convnet's step is bound by the host too."""
@@ -156,6 +163,11 @@ def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cf
         for x, y in batches.epoch(epoch):
             step(x, y)
             schedule.step()
+            if beside is not None and getattr(step, "graph", True) is not None:  # captured, or never will be
+                beside()
+                beside = None
+    if beside is not None:
+        beside()
     teacher.eval()
     if dist.is_initialized() and dist.get_world_size() > 1:
         for t in teacher.state_dict().values():

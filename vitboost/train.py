@@ -226,7 +226,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     lap("model")
     ahead = compile_ahead(engine, cfg, size)  # the blocks' graph compiles while the teacher trains
     distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names, pre, device, out,
-                                        is_main, say)
+                                        is_main, say, beside=ahead.start if ahead else None)
     lap("teacher")
     if ahead is not None:
         ahead.join(say)
