@@ -219,10 +219,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     aug_cfg = AugmentConfig.preset(cfg.augment).with_(**{k: v for k, v in overrides.items() if v is not None})
     augment = GpuAugment(aug_cfg, len(data.label_names), pre.mean, pre.std, seed=cfg.seed + 1000 * dp_rank,
                          device=device)
-    # keep the cached uint8 training images on the GPU when they fit in a small slice of it
-    if (isinstance(train_split, ImageSplit) and device.type == "cuda"
-            and train_split.images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]):
-        train_split = ImageSplit(train_split.images.to(device), train_split.labels.to(device))
+    train_split = _on_gpu_if_small(train_split, device)
     lap("model")
     ahead = compile_ahead(engine, cfg, size)  # the blocks' graph compiles while the teacher trains
     distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names, pre, device, out,
@@ -373,6 +370,14 @@ def _model(cfg: TrainConfig, label_names: list[str], size: int, device: torch.de
     _check_layout(cfg, model, dims)
     apply_drop_path(model, cfg.drop_path)
     return model, pre
+
+
+def _on_gpu_if_small(split, device: torch.device):
+    """The cached uint8 training images, moved to the GPU when they fit in a small slice of it."""
+    if (isinstance(split, ImageSplit) and device.type == "cuda"
+            and split.images.numel() < 0.1 * torch.cuda.mem_get_info(device)[0]):
+        return ImageSplit(split.images.to(device), split.labels.to(device))
+    return split
 
 
 def _run_length(cfg: TrainConfig, train_images: int, dp: int) -> tuple[int, int, int]:
