@@ -5,7 +5,7 @@
 
 Each iteration trains a small teacher for 3 epochs (its step captured as a CUDA graph at the third call)
 while vitboost.compile_ahead compiles/runs a one-block copy of a vit-tiny in a thread. A hang prints every
-thread's stack after 40 s and exits. BENCHMARKS.md section 23: old broke at iteration 3, new ran 40 of 40.
+thread's stack after 40 s and exits. BENCHMARKS.md section 23: old broke at its 4th iteration, new ran 40 of 40.
 """
 import faulthandler, sys, time, torch
 from vitboost.model import build_model

@@ -142,6 +142,28 @@ def test_an_eager_evaluation_adds_no_compiled_graph(monkeypatch, compile_eval, g
     torch._dynamo.reset()
 
 
+def test_the_block_compiles_beside_the_teacher_only_in_one_unwrapped_module_on_one_gpu():
+    from types import SimpleNamespace
+    from vitboost.compile_ahead import applies
+    from vitboost.parallel.dims import ParallelDims
+
+    def case(device="cuda", world=1, distill="hard", **cfg):
+        config = TrainConfig(distillation_type=distill, **cfg)
+        config.validate()
+        plan = plan_step(make_plan(config, device, world), config, device, 10**5, eval_batches=41)
+        dims = SimpleNamespace(tp_enabled=config.tp_size > 1, pp_enabled=config.pp_size > 1)
+        return applies(plan, dims, config, device)
+
+    assert case()  # the recipe on one GPU
+    assert not case(distill="none")  # no teacher: nothing to overlap with
+    assert not case(device="cpu")
+    assert not case(compile="false")
+    assert not case(world=2, plugin="torch_ddp")  # DDP
+    assert not case(world=2, plugin="fsdp")
+    assert not case(world=2, plugin="hybrid_parallel", pp_size=2)
+    assert not case(world=2, plugin="gemini")  # CPU offload
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def test_the_graph_compiled_ahead_is_the_one_the_first_step_runs(monkeypatch, device):

@@ -102,12 +102,18 @@ def _set_rng_state(device: torch.device, state: Tensor) -> None:
 
 
 def compile_ahead(engine, cfg, image_size: int) -> CompileAhead | None:
-    """What compiles beside the teacher's training (start() it there), when there is a teacher and the
-    blocks are compiled in a single module on a GPU (FSDP/TP/PP wrap or split the blocks: their graphs
-    differ from a plain copy's)."""
-    plan, dims = engine.plan, engine.dims
-    if (plan.compile != "blocks" or engine.device.type != "cuda" or cfg.distillation_type == "none"
-            or dims.tp_enabled or dims.pp_enabled or plan.data_parallel == "fsdp" or plan.cpu_offload):
+    """What compiles beside the teacher's training (start() it there), or None where it does not apply."""
+    if not applies(engine.plan, engine.dims, cfg, engine.device.type):
         return None
     images = torch.zeros(cfg.batch_size, 3, image_size, image_size, device=engine.device)
-    return CompileAhead(getattr(engine.model, "module", engine.model), images, engine.autocast)
+    return CompileAhead(engine.model, images, engine.autocast)
+
+
+def applies(plan, dims, cfg, device_type: str) -> bool:
+    """A teacher to train, and blocks compiled in one unwrapped module on one GPU. FSDP/TP/PP wrap or
+    split the blocks, so their graphs differ from a plain copy's; under DDP dynamo compiles inside DDP's
+    forward differently, and the teacher's training ends in a broadcast: neither was measured beside a
+    compile thread, so not there."""
+    return (plan.compile == "blocks" and device_type == "cuda" and cfg.distillation_type != "none"
+            and not dims.tp_enabled and not dims.pp_enabled and plan.data_parallel == "none"
+            and not plan.cpu_offload)
