@@ -51,6 +51,7 @@ class CompileAhead:
             return 0.0
         t0 = time.perf_counter()
         self._thread.join()
+        self.model = self.images = None  # the zeros stay on the GPU otherwise, for the whole run
         _set_rng_state(self.device, self._rng)
         if self.error is not None:
             raise self.error
