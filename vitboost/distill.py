@@ -66,7 +66,8 @@ def make_distiller(cfg: TrainConfig, augment: GpuAugment, split, eval_splits: di
                    ) -> tuple[Distiller | None, dict | None]:
     """The teacher (loaded, or trained now) wrapped around ``augment``; (None, None) without distillation.
     beside: started once the teacher's training step is captured as a CUDA graph (at once when the teacher
-    is loaded), to run beside the rest of its training; no other thread may use the GPU during a capture."""
+    is loaded), to run beside the rest of its training: a draw from the device's random generator in
+    another thread during the capture breaks it (other GPU work there is fine: capture_error_mode="thread_local")."""
     beside = beside or (lambda: None)
     if cfg.distillation_type == "none":
         return None, None
