@@ -238,6 +238,41 @@ def test_models_use_mask_free_sdpa_whatever_their_source_and_export_plain_config
         assert plain.config._attn_implementation != "vitboost_sdpa"
 
 
+def test_one_gemm_for_q_k_v_computes_hf_attention_and_keeps_its_parameters(tmp_path):
+    import copy
+    from transformers import ViTForImageClassification
+    from vitboost.model import build_model, fuse_qkv
+    torch.manual_seed(0)
+    model, _ = build_model("vit-micro", ["a", "b"], pretrained="none", log=lambda *_: None)
+    if not hasattr(model.vit.encoder.layer[0].attention if hasattr(model.vit, "encoder") else model.vit.layers[0].attention,
+                   "q_proj"):
+        pytest.skip("transformers 4.x attention layout: left unfused")
+    fused = copy.deepcopy(model).train()
+    model.train()
+    assert fuse_qkv(fused) == model.config.num_hidden_layers
+    x = torch.randn(3, 3, 32, 32)
+    ref, out = model(pixel_values=x).logits, fused(pixel_values=x).logits
+    assert torch.allclose(ref, out, atol=1e-6)
+    ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), fused.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), name
+    assert fused.state_dict().keys() == model.state_dict().keys()  # checkpoints and export unchanged
+    fused.save_pretrained(tmp_path / "saved")
+    plain = ViTForImageClassification.from_pretrained(tmp_path / "saved").eval()
+    assert torch.allclose(plain(pixel_values=x).logits, fused.eval()(pixel_values=x).logits, atol=1e-5)
+
+
+def test_q_k_v_stay_apart_where_something_wraps_them():
+    import copy
+    from vitboost.config import TrainConfig
+    from vitboost.lora import apply_lora
+    from vitboost.model import build_model, fuse_qkv
+    model, _ = build_model("vit-micro", ["a", "b"], pretrained="none", log=lambda *_: None)
+    wrapped = apply_lora(copy.deepcopy(model), TrainConfig(model="vit-micro", lora_rank=4), log=lambda *_: None)
+    assert fuse_qkv(wrapped) == 0  # peft's layers hold q, k and v: LoRA trains them as peft computes them
+
+
 def test_summary_breaks_the_run_time_down_by_phase(tiny_beans, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(tiny_beans, out, "--epochs", "2")) == 0

@@ -44,6 +44,56 @@ def vit_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     return out.transpose(1, 2).contiguous(), None
 
 
+class FusedQKVAttention:
+    """ViT attention whose q, k and v come from one GEMM (timm's layout) instead of three.
+
+    The three projections keep their own parameters (``q_proj.weight``...), so checkpoints,
+    export, EMA and optimizer state are unchanged; the forward concatenates the weights (a
+    copy of 3 x D x D, small beside the activations) and splits the product as views. At the
+    batch sizes users train the step is many small kernels: one GEMM in place of three, forward
+    and backward (BENCHMARKS.md section 24). Mixed into transformers 5.x's ``ViTAttention``
+    by ``fuse_qkv``; its forward mirrors that class's, a test checks it against it.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        weight = torch.cat([q.weight, k.weight, v.weight])
+        bias = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
+        qkv = nn.functional.linear(hidden_states, weight, bias)  # (B, N, 3 * H * d)
+        query, key, value = qkv.unflatten(-1, (3, -1, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
+        out, weights = attention(self, query, key, value, attention_mask,
+                                 dropout=0.0 if not self.training else self.attention_dropout,
+                                 scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+    @staticmethod
+    def _eager(*args, **kwargs):
+        from transformers.models.vit.modeling_vit import eager_attention_forward
+        return eager_attention_forward(*args, **kwargs)
+
+
+_FUSED: dict[type, type] = {}
+
+
+def fuse_qkv(model: nn.Module) -> int:
+    """Switch every ViT attention whose q, k and v are plain ``nn.Linear`` (not LoRA-wrapped, not
+    tensor-parallel) to one GEMM for the three; returns how many. transformers 4.x's attention
+    (``attention.attention.query``) is left as it is."""
+    n = 0
+    for m in model.modules():
+        cls = type(m)
+        if (cls.__name__ == "ViTAttention" and hasattr(m, "head_dim") and hasattr(m, "scaling")
+                and all(type(getattr(m, p, None)) is nn.Linear for p in ("q_proj", "k_proj", "v_proj", "o_proj"))):
+            if cls not in _FUSED:
+                _FUSED[cls] = type(f"Fused{cls.__name__}", (FusedQKVAttention, cls), {})
+            m.__class__ = _FUSED[cls]
+            n += 1
+    return n
+
+
 # transformers imports scikit-learn (assisted generation, 5.17), scipy (detection losses) and
 # torchvision (fast image processors) as soon as ViT's modeling code loads, if they are installed:
 # 1.9 s of a 3-epoch ViT-B run's ~11 s on an H200 (python -X importtime, BENCHMARKS.md), none of

@@ -16,6 +16,7 @@ from .dims import ParallelDims
 from .ddp import apply_ddp
 from .fsdp import apply_fsdp
 from .plan import Plan
+from ..model import fuse_qkv
 from .tensor import apply_tensor_parallel, find_blocks
 
 
@@ -24,6 +25,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: Plan, device: torch.
     mesh = dims.mesh
     if dims.tp_enabled:
         apply_tensor_parallel(model, mesh["tp"])
+    else:  # nothing shards q, k and v apart: one GEMM for the three
+        fuse_qkv(model)
     if grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if plan.compile == "blocks":  # FSDP/TP/PP units; a single module is compiled whole by the Engine
