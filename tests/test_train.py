@@ -273,6 +273,13 @@ def test_q_k_v_stay_apart_where_something_wraps_them():
     assert fuse_qkv(wrapped) == 0  # peft's layers hold q, k and v: LoRA trains them as peft computes them
 
 
+def test_fused_q_k_v_can_be_switched_off_for_a_b_measurements(monkeypatch):
+    from vitboost.model import build_model, fuse_qkv
+    model, _ = build_model("vit-micro", ["a", "b"], pretrained="none", log=lambda *_: None)
+    monkeypatch.setenv("VITBOOST_FUSED_QKV", "0")
+    assert fuse_qkv(model) == 0
+
+
 def test_summary_breaks_the_run_time_down_by_phase(tiny_beans, tmp_path):
     out = tmp_path / "run"
     assert main(train_args(tiny_beans, out, "--epochs", "2")) == 0

@@ -81,7 +81,11 @@ _FUSED: dict[type, type] = {}
 def fuse_qkv(model: nn.Module) -> int:
     """Switch every ViT attention whose q, k and v are plain ``nn.Linear`` (not LoRA-wrapped, not
     tensor-parallel) to one GEMM for the three; returns how many. transformers 4.x's attention
-    (``attention.attention.query``) is left as it is."""
+    (``attention.attention.query``) is left as it is. ``VITBOOST_FUSED_QKV=0`` keeps HF's three
+    projections (as timm's ``TIMM_FUSED_ATTN``): for A/B measurements and numerics bisection."""
+    import os
+    if os.environ.get("VITBOOST_FUSED_QKV", "1") == "0":
+        return 0
     n = 0
     for m in model.modules():
         cls = type(m)
