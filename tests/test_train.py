@@ -243,9 +243,9 @@ def test_one_gemm_for_q_k_v_computes_hf_attention_and_keeps_its_parameters(tmp_p
     from transformers import ViTForImageClassification
     from vitboost.model import build_model, fuse_qkv
     torch.manual_seed(0)
+    from vitboost.parallel.tensor import find_blocks
     model, _ = build_model("vit-micro", ["a", "b"], pretrained="none", log=lambda *_: None)
-    if not hasattr(model.vit.encoder.layer[0].attention if hasattr(model.vit, "encoder") else model.vit.layers[0].attention,
-                   "q_proj"):
+    if not hasattr(find_blocks(model)[0][1].attention, "q_proj"):
         pytest.skip("transformers 4.x attention layout: left unfused")
     fused = copy.deepcopy(model).train()
     model.train()

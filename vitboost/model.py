@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,6 @@ def fuse_qkv(model: nn.Module) -> int:
     tensor-parallel) to one GEMM for the three; returns how many. transformers 4.x's attention
     (``attention.attention.query``) is left as it is. ``VITBOOST_FUSED_QKV=0`` keeps HF's three
     projections (as timm's ``TIMM_FUSED_ATTN``): for A/B measurements and numerics bisection."""
-    import os
     if os.environ.get("VITBOOST_FUSED_QKV", "1") == "0":
         return 0
     n = 0

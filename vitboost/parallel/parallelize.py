@@ -1,8 +1,10 @@
 """The one place where a model becomes parallel, always in the same order (as torchtitan):
 
-    tensor parallel -> activation checkpointing -> torch.compile -> FSDP2 / DDP
+    tensor parallel (or else one GEMM for q, k, v) -> activation checkpointing -> torch.compile -> FSDP2 / DDP
 
-TP first, because it rewrites the linears that the others wrap; activation checkpointing
+TP first, because it rewrites the linears that the others wrap (without TP, the attention's q, k and v
+become one GEMM instead: TP's colwise split and that fusion are two answers for the same linears, and
+the fusion must precede compile so the compiled graph holds it); activation checkpointing
 and compile per block, so that FSDP's per-block units see compiled, checkpointed blocks;
 data parallel last, because it must see the final parameters. Pipeline splitting happens
 before all of this (each rank parallelizes only its own stage's part).
