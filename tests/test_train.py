@@ -242,8 +242,8 @@ def test_one_gemm_for_q_k_v_computes_hf_attention_and_keeps_its_parameters(tmp_p
     import copy
     from transformers import ViTForImageClassification
     from vitboost.model import build_model, fuse_qkv
-    torch.manual_seed(0)
     from vitboost.parallel.tensor import find_blocks
+    torch.manual_seed(0)
     model, _ = build_model("vit-micro", ["a", "b"], pretrained="none", log=lambda *_: None)
     if not hasattr(find_blocks(model)[0][1].attention, "q_proj"):
         pytest.skip("transformers 4.x attention layout: left unfused")

@@ -134,7 +134,7 @@ def _load(folder: Path, label_names: list[str], device: torch.device) -> nn.Modu
 
 
 def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cfg: TrainConfig,
-           device: torch.device, beside: Callable[[], None] = lambda: None) -> None:
+           device: torch.device, beside: Callable[[], None] | None = None) -> None:
     """A plain loop, the same on every rank (same seed, same batches), then rank 0's weights everywhere.
     On a GPU its step is one CUDA graph and its batches come a chunk at a time, like the student's:
     a small convnet's step is bound by the host too."""
