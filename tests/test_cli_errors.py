@@ -24,6 +24,17 @@ def data(tmp_path) -> Path:
     return make_imagefolder(tmp_path / "data", {"train": 2, "validation": 1})
 
 
+@pytest.mark.parametrize("args, phrase", [
+    (["train", "--lr_scheduler_type", "cosin"], "invalid choice: 'cosin'"),
+    (["train", "--epoch", "3", "--lr"], "expected one argument"),
+    (["train", "--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+    ([], "required: command"),
+])
+def test_a_misspelt_flag_or_value_is_one_line_naming_it_and_the_help(capsys, args, phrase):
+    err = fails_with(capsys, args, phrase, "--help`")
+    assert "usage:" not in err
+
+
 def test_missing_dataset_folder(capsys, tmp_path):
     fails_with(capsys, train_args(tmp_path / "nope", tmp_path / "run"), "does not exist")
     assert not (tmp_path / "run").exists()

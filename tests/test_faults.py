@@ -420,6 +420,8 @@ def test_images_without_a_standard_range_fail_in_one_line_naming_the_file(pixels
     (["--save_epochs", "0"], "--save_epochs must be >= 1"),
     (["--keep_checkpoints", "-1"], "--keep_checkpoints must be >= 0"),
     (["--eval_every", "-1"], "--eval_every must be >= 0"),
+    (["--layer_decay", "0"], "--layer_decay must be in (0, 1]"),
+    (["--layer_decay", "1.5"], "--layer_decay must be in (0, 1]"),
 ])
 def test_impossible_sizes_and_counts_are_refused(capsys, tiny_beans, tmp_path, extra, phrase):
     fails_with(capsys, train_args(tiny_beans, tmp_path / "run", *extra), phrase)

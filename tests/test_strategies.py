@@ -119,6 +119,26 @@ def test_weight_ema_under_sharded_layouts_reproduces_single_process(name, ema_re
     assert_same(ema_reference, out)
 
 
+@pytest.fixture(scope="module")
+def layer_decay_reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref_layer_decay") / "run"
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out, layer_decay=0.5))
+    return out
+
+
+@pytest.mark.parametrize("name", ["zero1", "pp2_1f1b", "tp2"])
+def test_layer_decay_reproduces_single_process(name, layer_decay_reference, reference, tiny_beans, vit4_dir,
+                                               tmp_path):
+    """Per-layer lr groups, built from the names each rank holds (a pipeline stage holds some blocks, ZeRO
+    partitions each group), give the one-process run; and that run is not the one without layer decay."""
+    procs, overrides = CASES[name]
+    out = tmp_path / "run"
+    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, layer_decay=0.5, **overrides))
+    assert_same(layer_decay_reference, out)
+    with pytest.raises(AssertionError):
+        assert_params_close(result(reference)[1], result(out)[1])
+
+
 def test_checkpoint_saved_under_pp2_resumes_in_one_process(tiny_beans, vit4_dir, tmp_path):
     """Save with pipeline parallel on 2 ranks (each holding half the blocks and their Adam
     states), resume the second epoch on one process: same as never switching layout."""

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import COMPILE_MODES, PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, make_config
+from .config import COMPILE_MODES, LR_SCHEDULES, PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, make_config
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -55,8 +55,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad_accum", type=int)
     g.add_argument("--lr", "--learning_rate", dest="lr", type=float, help="peak learning rate (not scaled by world size)")
     g.add_argument("--weight_decay", type=float)
-    g.add_argument("--warmup_ratio", type=float)
+    g.add_argument("--warmup_ratio", type=float, help="warmup as a fraction of the run's steps (default 0.3)")
+    g.add_argument("--warmup_steps", type=int, help="warmup in steps; when > 0 it replaces --warmup_ratio")
+    g.add_argument("--lr_scheduler_type", choices=LR_SCHEDULES,
+                   help="after warmup: cosine (default) or linear decay to 0, constant_with_warmup; constant: no warmup")
     g.add_argument("--max_grad_norm", type=float)
+    g.add_argument("--layer_decay", type=float, help="layer-wise lr decay, e.g. 0.65: block i of L gets lr * "
+                   "decay^(L-i), the embeddings decay^(L+1), the head the full lr (BEiT/MAE fine-tuning)")
     g.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.998 (evaluated and exported); 0: off")
     g.add_argument("--seed", type=int)
     g.add_argument("--distillation_type", choices=("none", "hard", "soft"),
@@ -106,8 +111,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--progress", action=BOOL, default=None)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A misspelt flag or value is one ``error:`` line naming it and where the choices are (exit 2),
+    as every other bad input, instead of argparse's usage block (30 lines for train) above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitboost", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="vitboost", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train_args(sub.add_parser("train", help="fine-tune a ViT (launch with torchrun for several GPUs)"))
 
@@ -222,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     a list (an in-process call): the launch phase counts from this call."""
     launched = process_start() if argv is None else time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad flag: its one line is printed
+        return e.code if isinstance(e.code, int) else 2
     from .data import DataError
     from .model import ModelError
     from .parallel.dims import LayoutError

@@ -15,6 +15,7 @@ import yaml
 PLUGINS = ("torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_parallel", "fsdp", "auto")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")
+LR_SCHEDULES = ("cosine", "linear", "constant_with_warmup", "constant")  # HF Trainer's --lr_scheduler_type names
 AUTO_MODES = ("auto", "true", "false")  # --compile / --cuda_graph: auto picks what pays and says why
 # --compile true = blocks: each block compiled, one graph they all share; model: the whole model as one
 # graph (one module only; 4% faster on vit-tiny, 4-8x the compile time: BENCHMARKS.md section 21)
@@ -48,7 +49,10 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.05
     warmup_ratio: float = 0.3
+    warmup_steps: int = 0  # when > 0, the warmup in steps, in place of warmup_ratio (as HF Trainer)
+    lr_scheduler_type: str = "cosine"  # after warmup: cosine | linear (decay to 0) | constant_with_warmup | constant
     max_grad_norm: float = 1.0
+    layer_decay: float | None = None  # layer-wise lr decay (BEiT/MAE fine-tuning, timm's --layer-decay), e.g. 0.65
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); evaluated and exported
     # distillation (DeiT, class token only): a teacher's predictions join the labels as the student's targets
     distillation_type: str = "none"  # none | hard (the teacher's argmax, DeiT's best) | soft (its probabilities)
@@ -110,6 +114,9 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"--layer_decay must be in (0, 1] (e.g. 0.65; 1 or unset: one lr for every layer), "
+                              f"got {self.layer_decay}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1) (a decay such as 0.998; 0 turns it off), got {self.ema}")
         if self.distillation_type not in ("none", "hard", "soft"):
@@ -136,6 +143,11 @@ class TrainConfig:
             setattr(self, name, str(value).lower())
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup_steps must be >= 0 (0: use --warmup_ratio), got {self.warmup_steps}")
+        if self.lr_scheduler_type not in LR_SCHEDULES:
+            raise ConfigError(f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}; choose one of "
+                              f"{', '.join(LR_SCHEDULES)}")
         for name in ("max_steps", "save_every", "eval_every", "keep_checkpoints"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name} must be >= 0 (0: {_ZERO[name]}), got {getattr(self, name)}")
@@ -174,6 +186,10 @@ class TrainConfig:
         import importlib.util
         if importlib.util.find_spec("peft") is None:
             raise ConfigError("--lora_rank needs the peft package; pip install peft (or 'vitboost[lora]')")
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps: --warmup_steps when set, else --warmup_ratio of the run (HF Trainer's rule)."""
+        return self.warmup_steps or int(total_steps * self.warmup_ratio)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -140,7 +140,7 @@ def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cf
     a small convnet's step is bound by the host too."""
     from .batches import TrainBatches
     from .cuda_graph import GraphedStep
-    from .engine import cosine_schedule
+    from .engine import lr_schedule
     seed = cfg.seed + 7919
     augment = GpuAugment(AugmentConfig.preset("light").with_(label_smoothing=0.1), num_labels, mean, std,
                          seed=seed, device=device)
@@ -149,7 +149,7 @@ def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cf
     batches = TrainBatches(split, augment, global_batch=batch, per_epoch=steps, dp=1, dp_rank=0, seed=seed,
                            image_size=split.images.shape[-1], device=device)
     opt = torch.optim.AdamW(teacher.parameters(), lr=TEACHER_LR, weight_decay=0.05, fused=device.type == "cuda")
-    schedule = cosine_schedule(opt, cfg.teacher_epochs * steps, 0.05)
+    schedule = lr_schedule(opt, cfg.teacher_epochs * steps, int(cfg.teacher_epochs * steps * 0.05))
 
     def one_step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         loss = soft_cross_entropy(_logits(teacher, x), y)

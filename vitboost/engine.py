@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from typing import Callable
 
 import torch
@@ -31,16 +32,34 @@ from .regularize import EMA
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, position embeddings and the CLS token (as timm/DeiT)."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: float | None = None,
+                 num_layers: int = 0) -> list[dict]:
+    """No weight decay on biases, norms, position embeddings and the CLS token (as timm/DeiT).
+
+    layer_decay (BEiT's layer-wise lr decay, timm's ``param_groups_layer_decay``): the head and final
+    norm train at ``lr``, block i of ``num_layers`` at ``lr * layer_decay ** (num_layers - i)``, the
+    embeddings one step further down, so a fine-tune moves the early, generic layers least. Layers
+    are read from parameter names, which every strategy keeps (FSDP, TP, a pipeline stage, peft).
+    """
+    groups: dict[tuple[int, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "position_embeddings" in name or "cls_token" in name
-        (no_decay if skip else decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        depth = layer_id(name, num_layers) if layer_decay is not None else num_layers + 1
+        scale = layer_decay ** (num_layers + 1 - depth) if layer_decay is not None else 1.0
+        group = groups.setdefault((depth, skip), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
+                                                  "lr": lr * scale})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[1], k[0]))]
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for the embeddings, i + 1 for block i, num_layers + 1 for the rest (final norm, head)."""
+    block = re.search(r"\.(?:layers|layer)\.(\d+)\.", name)  # transformers 5.x vit.layers, 4.x vit.encoder.layer
+    if block:
+        return int(block.group(1)) + 1
+    return 0 if ".embeddings." in f".{name}" else num_layers + 1
 
 
 class Engine:
@@ -76,7 +95,8 @@ class Engine:
 
     # -- construction -------------------------------------------------------------------
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        groups = param_groups(self.model, self.cfg.weight_decay)
+        groups = param_groups(self.model, self.cfg.weight_decay, self.cfg.lr, self.cfg.layer_decay,
+                              _unwrap(self.model).config.num_hidden_layers)
         kw: dict = dict(lr=self.cfg.lr, betas=(0.9, 0.999), eps=1e-8)
         sharded_fp16 = self.plan.precision == "fp16" and self._sharded_scaler and not self.plan.cpu_offload
         if (self.device.type == "cuda" or self.plan.cpu_offload) and not sharded_fp16:
@@ -223,15 +243,19 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP keeps the module under .module
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,
-                    min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup for warmup_ratio of the steps, then cosine decay to min_ratio * lr."""
-    warmup = int(total_steps * warmup_ratio)
+def lr_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup: int,
+                kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup`` steps, then (as HF's get_scheduler) cosine or linear decay to 0,
+    or a constant lr; "constant" has no warmup. Each param group keeps its own peak (layer decay)."""
+    if kind == "constant":
+        warmup = 0
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1 - progress if kind == "linear" else 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

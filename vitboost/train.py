@@ -30,7 +30,7 @@ from .compile_ahead import compile_ahead
 from .config import ConfigError, TrainConfig, check_patch_grid
 from .data import ImageDataset, ImageSplit, load_image_dataset, num_batches
 from .distill import check_teacher, make_distiller
-from .engine import Engine, cosine_schedule
+from .engine import Engine, lr_schedule
 from .evaluate import batches_per_rank, evaluate
 from .lora import apply_lora, check_resume as check_lora_resume
 from .model import Preprocess, build_model
@@ -214,7 +214,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         save_run_config(model, pre, out)  # before parallelization touches the model
     engine = Engine(model, cfg, dims, plan, device, soft_cross_entropy)
     say(f"strategy: {plan.plugin} (dp={dims.dp} tp={dims.tp} pp={dims.pp}, {plan.precision}) on {world} x {device.type}")
-    scheduler = cosine_schedule(engine.optimizer, total_steps, cfg.warmup_ratio)
+    scheduler = lr_schedule(engine.optimizer, total_steps, cfg.warmup(total_steps), cfg.lr_scheduler_type)
     overrides = {"mixup_alpha": cfg.mixup, "cutmix_alpha": cfg.cutmix, "label_smoothing": cfg.label_smoothing}
     aug_cfg = AugmentConfig.preset(cfg.augment).with_(**{k: v for k, v in overrides.items() if v is not None})
     augment = GpuAugment(aug_cfg, len(data.label_names), pre.mean, pre.std, seed=cfg.seed + 1000 * dp_rank,
