@@ -4,9 +4,12 @@ Tests use this instead of torchrun so that a failure shows up as a normal
 pytest traceback. The function must be importable (defined at module level).
 
 A rank that has written its result leaves with ``os._exit(0)``, skipping the interpreter's
-teardown: that teardown aborted a rank about once in 40 runs on 2 cores ("terminate called without
-an active exception", after ``destroy_process_group`` had returned, no Python frame on the stack),
-failing a test whose ranks had all finished and written their results.
+teardown. There, about once in 40 runs on 2 cores, a rank aborted ("terminate called without an
+active exception"): a core dump showed gloo's worker thread dropping the last reference to a
+finished collective's tensors (an FSDP all-gather's views), which takes the GIL, while the main
+thread was already finalizing the interpreter, so the worker thread was killed mid-destructor.
+A function that ends right after a collective on Python-visible tensors opens that window (the CLI's
+own torchrun processes have not been seen to abort in the suite; BENCHMARKS.md section 25).
 """
 from __future__ import annotations
 
