@@ -247,8 +247,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_the_graphed_step_matches_eager_and_the_input_path_never_syncs(precision):
+@pytest.mark.parametrize("precision, layer_decay", [("fp32", None), ("fp16", None), ("fp32", 0.5)])
+def test_the_graphed_step_matches_eager_and_the_input_path_never_syncs(precision, layer_decay):
+    """Also with per-layer lr groups (--layer_decay) whose lrs change every step, as the schedule
+    changes them: the graph reads each group's lr from a device tensor refreshed before each replay."""
     from vitboost.augment import AugmentConfig, GpuAugment, soft_cross_entropy
     from vitboost.engine import Engine
     from vitboost.parallel.dims import ParallelDims, init_distributed
@@ -259,6 +261,7 @@ def test_the_graphed_step_matches_eager_and_the_input_path_never_syncs(precision
     for graph in ("false", "true"):
         cfg = make_config({"model": "vit-micro", "pretrained": "none", "batch_size": 8, "compile": "false",
                            "cuda_graph": graph, "mixed_precision": precision, "tf32": False,
+                           "layer_decay": layer_decay,
                            "plugin": "torch_ddp_fp16" if precision == "fp16" else "torch_ddp"})
         dims = ParallelDims(1)
         dims.build_mesh("cuda")
@@ -276,6 +279,8 @@ def test_the_graphed_step_matches_eager_and_the_input_path_never_syncs(precision
                 torch.cuda.set_sync_debug_mode("error")  # after capture: fetch, augment, replay never wait
             x, y = augment(*split.take(torch.arange(8) + 8 * step))
             out.append(engine.train_step([(x, y)])[0].clone())
+            for group in engine.optimizer.param_groups:
+                group["lr"] *= 0.8
         torch.cuda.set_sync_debug_mode("default")
         losses[graph] = torch.stack(out).cpu()
     tol = {"fp32": 1e-5, "fp16": 1e-3}[precision]  # fp16: the loss scale and skipped steps are captured too
