@@ -1,4 +1,4 @@
-"""Flag names users know; the ColossalAI example's spellings are aliases of ours."""
+"""Flag names users know; the ColossalAI example's and HF Trainer's spellings are aliases of ours."""
 from __future__ import annotations
 
 from vitboost.cli import build_parser
@@ -12,6 +12,19 @@ def test_colossalai_spellings_are_aliases():
         ["train", "--model", "m", "--lr", "1e-3", "--epochs", "2", "--output", "out", "--grad_checkpoint", "-b", "16"])
     assert vars(theirs) == vars(ours)
     assert build_parser().parse_args(["train", "--grad_checkpoint", "false"]).grad_checkpoint is False
+
+
+def test_hf_trainer_spellings_are_aliases():
+    theirs = build_parser().parse_args(
+        ["train", "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "4",
+         "--per_device_eval_batch_size", "32", "--logging_steps", "5", "--save_steps", "100", "--save_total_limit", "3",
+         "--output_dir", "out", "--gradient_checkpointing", "--learning_rate", "1e-3", "--lr_scheduler_type", "linear",
+         "--warmup_steps", "10"])
+    ours = build_parser().parse_args(
+        ["train", "--epochs", "2", "-b", "16", "--grad_accum", "4", "--eval_batch_size", "32", "--log_every", "5",
+         "--save_every", "100", "--keep_checkpoints", "3", "--output", "out", "--grad_checkpoint", "--lr", "1e-3",
+         "--lr_scheduler_type", "linear", "--warmup_steps", "10"])
+    assert vars(theirs) == vars(ours)
 
 
 def test_flags_not_given_stay_unset_so_the_yaml_file_can_supply_them():

@@ -49,10 +49,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stream", action=BOOL, default=None,
                    help="decode batch by batch instead of caching (automatic when the cache would exceed half the RAM)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", "--num_epoch", dest="epochs", type=int)
+    g.add_argument("--epochs", "--num_epoch", "--num_train_epochs", dest="epochs", type=int)
     g.add_argument("--max_steps", type=int)
-    g.add_argument("-b", "--batch_size", type=int, help="per data-parallel rank")
-    g.add_argument("--grad_accum", type=int)
+    g.add_argument("-b", "--batch_size", "--per_device_train_batch_size", dest="batch_size", type=int,
+                   help="per data-parallel rank")
+    g.add_argument("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int)
     g.add_argument("--lr", "--learning_rate", dest="lr", type=float, help="peak learning rate (not scaled by world size)")
     g.add_argument("--weight_decay", type=float)
     g.add_argument("--warmup_ratio", type=float, help="warmup as a fraction of the run's steps (default 0.3)")
@@ -82,7 +83,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--microbatch_size", type=int)
     g.add_argument("--pp_schedule", choices=PP_SCHEDULES)
     g.add_argument("--mixed_precision", choices=PRECISIONS)
-    g.add_argument("--grad_checkpoint", nargs="?", const=True, type=_bool, default=None,
+    g.add_argument("--grad_checkpoint", "--gradient_checkpointing", dest="grad_checkpoint", nargs="?", const=True, type=_bool, default=None,
                    help="activation checkpointing per block (ColossalAI's `--grad_checkpoint True` works too)")
     g.add_argument("--compile", nargs="?", const="true", choices=COMPILE_MODES,
                    help="torch.compile the model (default auto: when the run is long enough to pay it back; true = "
@@ -94,15 +95,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tf32", action=BOOL, default=None, help="fp32 matmuls on TF32 tensor cores (default on)")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"))
     g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval_batch_size", type=int)
-    g.add_argument("--log_every", type=int)
-    g.add_argument("--save_every", type=int, help="checkpoint every N optimizer steps")
+    g.add_argument("--eval_batch_size", "--per_device_eval_batch_size", dest="eval_batch_size", type=int)
+    g.add_argument("--log_every", "--logging_steps", dest="log_every", type=int)
+    g.add_argument("--save_every", "--save_steps", dest="save_every", type=int, help="checkpoint every N optimizer steps")
     g.add_argument("--save_epochs", type=int, help="checkpoint every N epochs (default 1)")
     g.add_argument("--eval_every", type=int, help="validate every N epochs (0: only at the end)")
-    g.add_argument("--keep_checkpoints", type=int)
+    g.add_argument("--keep_checkpoints", "--save_total_limit", dest="keep_checkpoints", type=int)
     g.add_argument("--async_checkpoint", action=BOOL, default=None,
                    help="write checkpoints in the background while training goes on (default: on)")
-    g.add_argument("--output", "--output_path", dest="output")
+    g.add_argument("--output", "--output_path", "--output_dir", dest="output")
     g.add_argument("--resume", help="auto (latest in --output) or a checkpoint folder")
     g.add_argument("--overwrite", action=BOOL, default=None)
     g.add_argument("--plot", action=BOOL, default=None)
