@@ -83,6 +83,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--microbatch_size", type=int)
     g.add_argument("--pp_schedule", choices=PP_SCHEDULES)
     g.add_argument("--mixed_precision", choices=PRECISIONS)
+    for precision in ("bf16", "fp16"):  # HF Trainer's switches
+        g.add_argument(f"--{precision}", dest="mixed_precision", action="store_const", const=precision,
+                       help=f"= --mixed_precision {precision}")
     g.add_argument("--grad_checkpoint", "--gradient_checkpointing", dest="grad_checkpoint", nargs="?", const=True, type=_bool, default=None,
                    help="activation checkpointing per block (ColossalAI's `--grad_checkpoint True` works too)")
     g.add_argument("--compile", nargs="?", const="true", choices=COMPILE_MODES,
