@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .config import COMPILE_MODES, LR_SCHEDULES, PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, make_config
 
@@ -237,6 +238,27 @@ def _start_cuda() -> threading.Thread:
 def main(argv: list[str] | None = None) -> int:
     """argv None: the command line of this process, whose start the launch phase counts from;
     a list (an in-process call): the launch phase counts from this call."""
+    code = _main(argv)
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave(code)
+    return code
+
+
+def _leave(code: int) -> NoReturn:
+    """End a torchrun rank whose command has returned (its run finished, or stopped with its checkpoint
+    written, or failed with its one line printed) without the interpreter's teardown. gloo's worker
+    threads outlive ``destroy_process_group()``, and one that frees a finished collective's tensors while
+    the interpreter finalizes aborts the process ("terminate called without an active exception"),
+    turning a finished run into a failed one for torchrun (BENCHMARKS.md section 25). Everything this
+    process writes is closed or flushed by now; Inductor's compile workers exit when their parent does."""
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> int:
     launched = process_start() if argv is None else time.perf_counter()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -315,6 +315,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     if preempt.stopped:
         checkpoint()
         finish_pending()
+        log.close()  # the --report_to sinks' buffered events: the process ends right after this
         raise preempt.exit(step, ckpt_root / f"step_{step:08d}", is_main)
     lap("train")
 
