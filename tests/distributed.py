@@ -8,8 +8,8 @@ teardown. There, about once in 40 runs on 2 cores, a rank aborted ("terminate ca
 active exception"): a core dump showed gloo's worker thread dropping the last reference to a
 finished collective's tensors (an FSDP all-gather's views), which takes the GIL, while the main
 thread was already finalizing the interpreter, so the worker thread was killed mid-destructor.
-A function that ends right after a collective on Python-visible tensors opens that window (the CLI's
-own torchrun processes have not been seen to abort in the suite; BENCHMARKS.md section 25).
+A function that ends right after a collective on Python-visible tensors opens that window; the
+CLI's torchrun ranks leave the same way (``vitboost.cli._leave``; BENCHMARKS.md section 25).
 """
 from __future__ import annotations
 
