@@ -139,15 +139,19 @@ def test_layer_decay_reproduces_single_process(name, layer_decay_reference, refe
         assert_params_close(result(reference)[1], result(out)[1])
 
 
-def test_checkpoint_saved_under_pp2_resumes_in_one_process(tiny_beans, vit4_dir, tmp_path):
+@pytest.mark.parametrize("layer_decay", [None, 0.5], ids=["one_lr", "layer_decay"])
+def test_checkpoint_saved_under_pp2_resumes_in_one_process(layer_decay, tiny_beans, vit4_dir, tmp_path):
     """Save with pipeline parallel on 2 ranks (each holding half the blocks and their Adam
-    states), resume the second epoch on one process: same as never switching layout."""
+    states), resume the second epoch on one process: same as never switching layout. Under
+    --layer_decay the checkpoint's rank 0 held only its own layers' lr groups."""
     one = tmp_path / "one"
-    run_distributed(_train, 1, base(tiny_beans, vit4_dir, one, epochs=1, max_steps=None))
-    run_distributed(_train, 1, base(tiny_beans, vit4_dir, one, epochs=2, max_steps=None, resume="auto"))
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, one, epochs=1, max_steps=None, layer_decay=layer_decay))
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, one, epochs=2, max_steps=None, resume="auto",
+                                    layer_decay=layer_decay))
     switched = tmp_path / "switched"
     run_distributed(_train, 2, base(tiny_beans, vit4_dir, switched, epochs=1, max_steps=None,
-                                    plugin="hybrid_parallel", pp_size=2))
-    run_distributed(_train, 1, base(tiny_beans, vit4_dir, switched, epochs=2, max_steps=None, resume="auto"))
+                                    plugin="hybrid_parallel", pp_size=2, layer_decay=layer_decay))
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, switched, epochs=2, max_steps=None, resume="auto",
+                                    layer_decay=layer_decay))
     assert_params_close(load_file(one / "model" / "model.safetensors"),
                         load_file(switched / "model" / "model.safetensors"))

@@ -35,9 +35,19 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.saved_step = self.step
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._restore_schedule(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+    def _restore_schedule(self, saved: dict[str, Any]) -> None:
+        """The schedule's position only; each group's lr follows from it and this run's own groups and
+        flags. The checkpoint's groups may be laid out otherwise (a pipeline stage holds some layers'
+        groups under --layer_decay), so its per-group peaks (LambdaLR's base_lrs) are not reloaded."""
+        s = self.scheduler
+        s.last_epoch, s._step_count = saved["last_epoch"], saved.get("_step_count", saved["last_epoch"] + 1)
+        s._last_lr = [base * factor(s.last_epoch) for factor, base in zip(s.lr_lambdas, s.base_lrs)]
+        for group, lr in zip(s.optimizer.param_groups, s._last_lr):
+            group["lr"] = lr
 
     def rng_state_dict(self) -> dict[str, Any]:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
