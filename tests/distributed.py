@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import sys
 import socket
+import sys
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -56,7 +56,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
 
 # Ranks fork from a server that has imported these once (~4 s a process on 2 cores, paid per rank
 # per test with "spawn").
-mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed", "vitboost.train", "tests.distributed"])
+mp.get_context("forkserver").set_forkserver_preload(["torch", "torch.distributed", "vitboost.train",
+                                                     "tests.distributed"])
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:

@@ -87,7 +87,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     for precision in ("bf16", "fp16"):  # HF Trainer's switches
         g.add_argument(f"--{precision}", dest="mixed_precision", action="store_const", const=precision,
                        help=f"= --mixed_precision {precision}")
-    g.add_argument("--grad_checkpoint", "--gradient_checkpointing", dest="grad_checkpoint", nargs="?", const=True, type=_bool, default=None,
+    g.add_argument("--grad_checkpoint", "--gradient_checkpointing", dest="grad_checkpoint", nargs="?", const=True,
+                   type=_bool, default=None,
                    help="activation checkpointing per block (ColossalAI's `--grad_checkpoint True` works too)")
     g.add_argument("--compile", nargs="?", const="true", choices=COMPILE_MODES,
                    help="torch.compile the model (default auto: when the run is long enough to pay it back; true = "

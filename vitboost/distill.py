@@ -149,7 +149,8 @@ def _train(teacher: nn.Module, split: ImageSplit, num_labels: int, mean, std, cf
     batches = TrainBatches(split, augment, global_batch=batch, per_epoch=steps, dp=1, dp_rank=0, seed=seed,
                            image_size=split.images.shape[-1], device=device)
     opt = torch.optim.AdamW(teacher.parameters(), lr=TEACHER_LR, weight_decay=0.05, fused=device.type == "cuda")
-    schedule = lr_schedule(opt, cfg.teacher_epochs * steps, int(cfg.teacher_epochs * steps * 0.05))
+    total = cfg.teacher_epochs * steps
+    schedule = lr_schedule(opt, total, int(total * 0.05))
 
     def one_step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         loss = soft_cross_entropy(_logits(teacher, x), y)

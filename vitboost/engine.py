@@ -46,8 +46,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: 
         if not p.requires_grad:
             continue
         skip = p.ndim < 2 or "position_embeddings" in name or "cls_token" in name
-        depth = layer_id(name, num_layers) if layer_decay is not None else num_layers + 1
-        scale = layer_decay ** (num_layers + 1 - depth) if layer_decay is not None else 1.0
+        depth, scale = num_layers + 1, 1.0  # without layer decay: one lr, the two weight-decay groups
+        if layer_decay is not None:
+            depth = layer_id(name, num_layers)
+            scale = layer_decay ** (num_layers + 1 - depth)
         group = groups.setdefault((depth, skip), {"params": [], "weight_decay": 0.0 if skip else weight_decay,
                                                   "lr": lr * scale})
         group["params"].append(p)
