@@ -155,3 +155,26 @@ def test_checkpoint_saved_under_pp2_resumes_in_one_process(layer_decay, tiny_bea
                                     layer_decay=layer_decay))
     assert_params_close(load_file(one / "model" / "model.safetensors"),
                         load_file(switched / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def best_reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref_best") / "run"
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out, load_best_model_at_end=True))
+    return out
+
+
+@pytest.mark.parametrize("name", ["zero2", "fsdp", "pp2_1f1b"])
+def test_best_model_under_sharded_layouts_reproduces_single_process(name, best_reference, reference, tiny_beans,
+                                                                    vit4_dir, tmp_path):
+    """--load_best_model_at_end keeps each rank's own pieces of the best weights (FSDP shards, a pipeline
+    stage's blocks; ZeRO-2's parameters are unsharded between forward and backward) and puts them back
+    for the test evaluation and the export: as one process does. The run validates once (epoch 1 of
+    max_steps 5), so the best weights are step 3's, not the last step's that the reference exports."""
+    procs, overrides = CASES[name]
+    out = tmp_path / "run"
+    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, load_best_model_at_end=True, **overrides))
+    assert_same(best_reference, out)
+    assert result(out)[2]["best_model"]["step"] == 3
+    with pytest.raises(AssertionError):
+        assert_params_close(result(reference)[1], result(out)[1])

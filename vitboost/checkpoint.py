@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
+from .best import KEY as BEST
 from .storage import CheckpointError, io_failure, write_synced
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -255,6 +256,8 @@ def load_checkpoint(path: Path, engine) -> tuple[dict, dict | None]:
     if problem:
         raise DamagedCheckpoint(path, problem)
     state = _state(engine)
+    if BEST in state and not any(k.startswith(f"{BEST}.") for k in md.state_dict_metadata):
+        del state[BEST]  # written without --load_best_model_at_end: the run picks from its own validations
     try:
         dcp.load(state, storage_reader=_SafeReader(path, md), planner=_SafePlanner())
     except CheckpointException as e:  # raised on every rank: DCP gathers the read results
@@ -298,14 +301,18 @@ def resume_checkpoint(spec: str, root: Path, engine, log: Callable[[str], None] 
 
 def load_model_weights(path: Path, model: torch.nn.Module, ema: bool = False) -> None:
     """Single process, no process group: fill a plain HF model from a checkpoint (for export/eval);
-    ``ema``: the run kept a weight EMA, which is what gets exported. Raises DamagedCheckpoint for a
-    folder that cannot be loaded."""
+    ``ema``: the run kept a weight EMA, which is what gets exported; a run with --load_best_model_at_end
+    exports its best validation's weights so far instead. Raises DamagedCheckpoint for a folder that
+    cannot be loaded."""
     import warnings
     md = read_metadata(path)
     _check_shards(path, md)
     state = {"model": model.state_dict()}
-    if ema:  # own storage: the EMA must not land in the tensors the raw weights load into
-        state["ema"] = {n: torch.empty_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: torch.empty_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    if _has_best(path, md):  # own storage: these must not land in the tensors the raw weights load into
+        state[BEST] = trainable
+    elif ema:
+        state["ema"] = trainable
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         try:
@@ -313,8 +320,16 @@ def load_model_weights(path: Path, model: torch.nn.Module, ema: bool = False) ->
         except CheckpointException as e:
             raise DamagedCheckpoint(path, _failure(e)) from None
     model.load_state_dict(state["model"])
-    if ema:
-        model.load_state_dict(state["ema"], strict=False)
+    if BEST in state or ema:
+        model.load_state_dict(state.get(BEST, state.get("ema")), strict=False)
+
+
+def _has_best(path: Path, md: Metadata) -> bool:
+    """Whether the checkpoint holds best-validation weights chosen by a validation (before the first
+    one, its ``best`` tensors are only the initial weights)."""
+    if not any(k.startswith(f"{BEST}.") for k in md.state_dict_metadata):
+        return False
+    return (_load_small(path, "trainer.pt").get(BEST) or {}).get("value") is not None
 
 
 # ---------------------------------------------------------------------------- writing
@@ -491,6 +506,8 @@ def _state(engine) -> dict:
     state = {"model": engine.model_state(), "optim": _optim_state(engine)}
     if engine.ema is not None:
         state["ema"] = engine.ema.state_dict()
+    if engine.best is not None:  # --load_best_model_at_end: the best validation's weights so far
+        state[BEST] = engine.best.state_dict()
     return state
 
 

@@ -16,6 +16,7 @@ PLUGINS = ("torch_ddp", "torch_ddp_fp16", "low_level_zero", "gemini", "hybrid_pa
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")
 LR_SCHEDULES = ("cosine", "linear", "constant_with_warmup", "constant")  # HF Trainer's --lr_scheduler_type names
+BEST_METRICS = ("loss", "accuracy")  # --metric_for_best_model: validation loss (lower is better), accuracy
 AUTO_MODES = ("auto", "true", "false")  # --compile / --cuda_graph: auto picks what pays and says why
 # --compile true = blocks: each block compiled, one graph they all share; model: the whole model as one
 # graph (one module only; 4% faster on vit-tiny, 4-8x the compile time: BENCHMARKS.md section 21)
@@ -81,6 +82,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_batch_size: int = 64
     eval_every: int = 1  # validate every N epochs (0: only at the end)
+    load_best_model_at_end: bool = False  # test and export the weights of the best validation (HF Trainer's option)
+    metric_for_best_model: str = "loss"  # loss (lower is better) or accuracy; HF Trainer's default is loss
     log_every: int = 10
     save_every: int = 0  # also checkpoint every N optimizer steps
     save_epochs: int = 1  # checkpoint every N epochs (the last state is always saved)
@@ -145,6 +148,15 @@ class TrainConfig:
             raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps < 0:
             raise ConfigError(f"--warmup_steps must be >= 0 (0: use --warmup_ratio), got {self.warmup_steps}")
+        metric = str(self.metric_for_best_model).removeprefix("eval_")  # HF Trainer also writes eval_accuracy
+        if metric not in BEST_METRICS:
+            raise ConfigError(f"unknown --metric_for_best_model {self.metric_for_best_model!r}; choose "
+                              f"{' or '.join(BEST_METRICS)}")
+        self.metric_for_best_model = metric
+        if self.load_best_model_at_end and not 0 < self.eval_every <= self.epochs:
+            raise ConfigError(f"--load_best_model_at_end picks among the validations during training, and "
+                              f"--eval_every {self.eval_every} with --epochs {self.epochs} runs none; set --eval_every N "
+                              f"(validate every N epochs, N <= --epochs)")
         if self.lr_scheduler_type not in LR_SCHEDULES:
             raise ConfigError(f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}; choose one of "
                               f"{', '.join(LR_SCHEDULES)}")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .best import BestWeights
 from .config import ConfigError, TrainConfig
 from .parallel.dims import ParallelDims
 from .parallel.parallelize import parallelize
@@ -80,8 +81,9 @@ class Engine:
         # training forward: the whole module compiled; eval keeps the eager module
         self._forward = torch.compile(self.model) if plan.compile == "model" else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema = EMA([(n, p) for n, p in _unwrap(self.model).named_parameters() if p.requires_grad],
-                       cfg.ema) if cfg.ema > 0 else None
+        trainable = [(n, p) for n, p in _unwrap(self.model).named_parameters() if p.requires_grad]
+        self.ema = EMA(trainable, cfg.ema) if cfg.ema > 0 else None
+        self.best = BestWeights(trainable, cfg.metric_for_best_model) if cfg.load_best_model_at_end else None
         self.optimizer = self._build_optimizer()
         self.scaler = self._build_scaler()
         self._accum = 1

@@ -199,6 +199,9 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     torch.manual_seed(cfg.seed)  # the same random stream on every rank from the start
     size = _model_image_size(cfg)
     data = _load_data(cfg, size, is_main, say)
+    if cfg.load_best_model_at_end and "validation" not in data.splits:
+        raise ConfigError(f"--load_best_model_at_end picks the weights by their validation, and {cfg.dataset} has no "
+                          f"validation split (it has {', '.join(data.splits)}); add one or drop the flag")
     lap("data")
     model, pre = _model(cfg, data.label_names, size, device, dims, out, say)
     plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
@@ -235,7 +238,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     # resume: the newest checkpoint that loads (--resume auto) or the one named
     ckpt_root = out / "checkpoints"
     preempt = Preemption(every=cfg.log_every)  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit
-    state = TrainState(scheduler, batches, device, engine.scaler)
+    state = TrainState(scheduler, batches, device, engine.scaler, engine.best)
     history: list[dict] = []
     found = resume_checkpoint(cfg.resume, ckpt_root, engine, say) if cfg.resume else None
     if found:
@@ -303,6 +306,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                 with clock.inside("validation"):
                     m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
                 last_validation = {step: m}
+                if engine.best is not None:
+                    engine.best.consider(step, epoch, m, engine.eval_weights)
                 history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(**history[-1])
                 log.evaluation("validation", step, m)
@@ -318,6 +323,12 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         log.close()  # the --report_to sinks' buffered events: the process ends right after this
         raise preempt.exit(step, ckpt_root / f"step_{step:08d}", is_main)
     lap("train")
+    if engine.best is not None:  # the last state first: it is what --resume continues from
+        checkpoint()
+        if engine.best.restore(engine.ema):
+            last_validation = {step: engine.best.metrics}
+            say(f"best model: epoch {engine.best.epoch}, validation {cfg.metric_for_best_model} "
+                f"{engine.best.value:.4f}: tested and exported")
 
     results = {}
     for split in ("validation", "test"):
@@ -339,6 +350,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
                "steps": step, "train_seconds": round(clock.phases["train"], 2), "eval": results, "history": history,
                "skipped_images": data.skipped, **({"teacher": teacher} if teacher else {})}
+    if engine.best is not None:
+        summary["best_model"] = {k: v for k, v in engine.best.trainer_state().items() if k != "metrics"}
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None

@@ -22,6 +22,7 @@ class TrainState:
     augment: Any  # TrainBatches: the augmentation's generators (as of the current chunk's start) are part of the stream
     device: torch.device
     scaler: Any = None  # GradScaler under fp16
+    best: Any = None  # BestWeights under --load_best_model_at_end: which validation was best (its tensors go to DCP)
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
@@ -30,7 +31,8 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "best": self.best.trainer_state() if self.best is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -38,6 +40,8 @@ class TrainState:
         self._restore_schedule(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.best is not None:
+            self.best.load_trainer_state(state.get("best"))
 
     def _restore_schedule(self, saved: dict[str, Any]) -> None:
         """The schedule's position only; each group's lr follows from it and this run's own groups and

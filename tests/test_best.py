@@ -1,0 +1,124 @@
+"""--load_best_model_at_end: the test evaluation and the export use the weights of the best validation
+(HF Trainer's option), the last state stays what a resume continues from, and a resumed run still
+picks from the whole run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+
+from tests.conftest import make_imagefolder, train_args
+from tests.test_cli_errors import fails_with
+from vitboost.cli import main
+
+BEST = ("--epochs", "3", "--load_best_model_at_end", "--keep_checkpoints", "0")
+LOSSES = {1: 0.9, 2: 0.5, 3: 0.7}  # validation loss by epoch: the second epoch's weights are the best
+
+
+@pytest.fixture()
+def scripted(monkeypatch):
+    """The validations run as they are; their loss is replaced by LOSSES[epoch]."""
+    from vitboost.best import BestWeights
+    consider = BestWeights.consider
+
+    def scripted_consider(self, step, epoch, metrics, eval_weights):
+        return consider(self, step, epoch, {**metrics, "loss": LOSSES[epoch]}, eval_weights)
+    monkeypatch.setattr(BestWeights, "consider", scripted_consider)
+
+
+def exported_params(folder: Path) -> dict[str, torch.Tensor]:
+    """An exported folder's parameters as transformers loads them (the names the checkpoints use)."""
+    from transformers import ViTForImageClassification
+    return {n: p.detach() for n, p in ViTForImageClassification.from_pretrained(folder).named_parameters()}
+
+
+def saved(folder: Path, key: str, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds under key ("model", "ema", "best"), for like's names."""
+    state = {key: {k: torch.empty_like(v) for k, v in like.items()}}
+    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    return state[key]
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("evaluated", ["model", "ema"], ids=["raw_weights", "ema_weights"])
+def test_the_best_validation_is_tested_and_exported_and_the_last_state_is_checkpointed(
+        tiny_beans, tmp_path, capsys, scripted, evaluated):
+    run = tmp_path / "run"
+    ema = ("--ema", "0.9") if evaluated == "ema" else ()
+    assert main(train_args(tiny_beans, run, *BEST, *ema)) == 0  # 3 epochs x 3 steps, a checkpoint per epoch
+    assert "best model: epoch 2, validation loss 0.5000: tested and exported" in capsys.readouterr().out
+    exported = exported_params(run / "model")
+    ckpts = run / "checkpoints"
+    assert same(exported, saved(ckpts / "step_00000006", evaluated, exported))  # what epoch 2's validation evaluated
+    assert not same(exported, saved(ckpts / "step_00000009", evaluated, exported))  # not the last weights...
+    assert not same(exported, saved(ckpts / "step_00000009", "model", exported))  # ...which the last checkpoint keeps
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_model"] == {"metric": "loss", "value": 0.5, "step": 6, "epoch": 2}
+    assert summary["eval"]["validation"]["loss"] == 0.5  # that validation's result is the one reported
+    # the test split was evaluated on those weights: the exported folder gives the same numbers
+    assert main(["eval", "--model", str(run / "model"), "--dataset", str(tiny_beans), "--split", "test",
+                 "--cache_dir", str(tmp_path / "cache"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)["test"]
+    assert again["confusion_matrix"] == summary["eval"]["test"]["confusion_matrix"]
+    assert again["loss"] == pytest.approx(summary["eval"]["test"]["loss"], rel=1e-6)
+    # the checkpoint exports what the run exported (the best weights, not its last state)
+    assert main(["export", "--checkpoint", str(ckpts / "step_00000009"), "--output", str(tmp_path / "exp")]) == 0
+    assert same(exported, exported_params(tmp_path / "exp"))
+
+
+class Stop(RuntimeError):
+    """Ends the first run in the middle of epoch 3, after the epoch-2 checkpoint."""
+
+
+def test_a_resumed_run_keeps_the_best_weights_of_the_steps_before_its_checkpoint(tiny_beans, tmp_path, monkeypatch,
+                                                                                 scripted):
+    import vitboost.train
+    flags = (*BEST, "--no-async_checkpoint")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert main(train_args(tiny_beans, straight, *flags)) == 0
+    publish, steps = vitboost.train.publish_finished, [0]
+
+    def stop_at_step_7():  # called once after every step
+        steps[0] += 1
+        if steps[0] == 7:
+            raise Stop
+        publish()
+    monkeypatch.setattr(vitboost.train, "publish_finished", stop_at_step_7)
+    with pytest.raises(Stop):
+        main(train_args(tiny_beans, broken, *flags))
+    monkeypatch.setattr(vitboost.train, "publish_finished", publish)
+    assert main(train_args(tiny_beans, broken, *flags, "--resume", "auto")) == 0  # validates epoch 3 only (0.7)
+    assert same(load_file(straight / "model" / "model.safetensors"), load_file(broken / "model" / "model.safetensors"))
+    assert json.loads((broken / "summary.json").read_text())["best_model"]["epoch"] == 2
+
+
+def test_without_the_flag_the_last_weights_are_exported(tiny_beans, tmp_path, scripted):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_beans, run, "--epochs", "3", "--keep_checkpoints", "0")) == 0
+    exported = exported_params(run / "model")
+    assert same(exported, saved(run / "checkpoints" / "step_00000009", "model", exported))
+    assert "best_model" not in json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (("--load_best_model_at_end", "--eval_every", "0"), "--eval_every 0 with --epochs 2 runs none"),
+    (("--load_best_model_at_end", "--eval_every", "3"), "--eval_every 3 with --epochs 2 runs none"),
+    (("--metric_for_best_model", "f1"), "unknown --metric_for_best_model 'f1'; choose loss or accuracy"),
+])
+def test_a_best_model_that_cannot_be_picked_is_refused(capsys, tiny_beans, tmp_path, flags, phrase):
+    fails_with(capsys, train_args(tiny_beans, tmp_path / "run", *flags), phrase)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dataset_without_a_validation_split_is_refused(capsys, tmp_path):
+    data = make_imagefolder(tmp_path / "data", {"train": 2, "test": 1})
+    fails_with(capsys, train_args(data, tmp_path / "run", "--load_best_model_at_end"),
+               "has no validation split (it has train, test)")
+    assert not (tmp_path / "run").exists()
