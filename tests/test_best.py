@@ -122,3 +122,16 @@ def test_a_dataset_without_a_validation_split_is_refused(capsys, tmp_path):
     fails_with(capsys, train_args(data, tmp_path / "run", "--load_best_model_at_end"),
                "has no validation split (it has train, test)")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_lora_run_exports_its_best_adapters_merged(tiny_beans, tmp_path, scripted):
+    """Only the adapters and the head train: they are what is kept, put back and merged into the export."""
+    run, last = tmp_path / "run", tmp_path / "last"
+    assert main(train_args(tiny_beans, run, *BEST, "--lora_rank", "4")) == 0
+    assert main(train_args(tiny_beans, last, "--epochs", "3", "--lora_rank", "4")) == 0  # the same training
+    assert json.loads((run / "summary.json").read_text())["best_model"]["epoch"] == 2
+    exported = exported_params(run / "model")
+    assert not same(exported, exported_params(last / "model"))
+    for step in ("step_00000006", "step_00000009"):  # epoch 2's own state; the last, which exports its best
+        assert main(["export", "--checkpoint", str(run / "checkpoints" / step), "--output", str(tmp_path / step)]) == 0
+        assert same(exported, exported_params(tmp_path / step)), step
