@@ -17,7 +17,7 @@ from typing import Any, Callable, ContextManager
 import torch
 from torch import Tensor
 
-from .regularize import _local
+from .regularize import local_shards
 
 KEY = "best"  # the checkpoint's key for these tensors (beside "model", "optim", "ema")
 
@@ -42,7 +42,7 @@ class BestWeights:
         if not self.better(metrics[self.metric]):
             return False
         with eval_weights():
-            torch._foreach_copy_(_local(self.weights), _local(self.params))
+            torch._foreach_copy_(local_shards(self.weights), local_shards(self.params))
         self.value, self.step, self.epoch, self.metrics = float(metrics[self.metric]), step, epoch, metrics
         return True
 
@@ -52,9 +52,9 @@ class BestWeights:
         False, with the model untouched, when no validation ran."""
         if self.value is None:
             return False
-        torch._foreach_copy_(_local(self.params), _local(self.weights))
+        torch._foreach_copy_(local_shards(self.params), local_shards(self.weights))
         if ema is not None:
-            torch._foreach_copy_(_local(ema.shadow), _local(self.weights))
+            torch._foreach_copy_(local_shards(ema.shadow), local_shards(self.weights))
         return True
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -71,4 +71,5 @@ class BestWeights:
         if not state or state.get("metric") != self.metric or state.get("value") is None:
             self.value, self.step, self.epoch, self.metrics = None, 0, 0, None
             return
-        self.value, self.step, self.epoch, self.metrics = state["value"], state["step"], state["epoch"], state["metrics"]
+        self.value, self.step, self.epoch = state["value"], state["step"], state["epoch"]
+        self.metrics = state["metrics"]

@@ -155,8 +155,8 @@ class TrainConfig:
         self.metric_for_best_model = metric
         if self.load_best_model_at_end and not 0 < self.eval_every <= self.epochs:
             raise ConfigError(f"--load_best_model_at_end picks among the validations during training, and "
-                              f"--eval_every {self.eval_every} with --epochs {self.epochs} runs none; set --eval_every N "
-                              f"(validate every N epochs, N <= --epochs)")
+                              f"--eval_every {self.eval_every} with --epochs {self.epochs} runs none; "
+                              f"set --eval_every N (validate every N epochs, N <= --epochs)")
         if self.lr_scheduler_type not in LR_SCHEDULES:
             raise ConfigError(f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}; choose one of "
                               f"{', '.join(LR_SCHEDULES)}")

@@ -101,7 +101,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(_local(self.shadow), _local(self.params), 1.0 - self.decay)
+        torch._foreach_lerp_(local_shards(self.shadow), local_shards(self.params), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         """FQN -> averaged tensor: the live tensors, so DCP loads into them in place."""
@@ -110,16 +110,16 @@ class EMA:
     @contextlib.contextmanager
     @torch.no_grad()
     def swapped(self) -> Iterator[None]:
-        params = _local(self.params)
+        params = local_shards(self.params)
         backup = [p.clone() for p in params]
-        torch._foreach_copy_(params, _local(self.shadow))
+        torch._foreach_copy_(params, local_shards(self.shadow))
         try:
             yield
         finally:
             torch._foreach_copy_(params, backup)
 
 
-def _local(tensors: list[Tensor]) -> list[Tensor]:
+def local_shards(tensors: list[Tensor]) -> list[Tensor]:
     """Detached local shards of DTensors (FSDP/TP), plain tensors as they are."""
     from torch.distributed.tensor import DTensor
     return [(t.to_local() if isinstance(t, DTensor) else t).detach() for t in tensors]
