@@ -16,7 +16,7 @@ from tests.test_cli_errors import fails_with
 from vitboost.cli import main
 
 BEST = ("--epochs", "3", "--load_best_model_at_end", "--keep_checkpoints", "0")
-LOSSES = {1: 0.9, 2: 0.5, 3: 0.7}  # validation loss by epoch: the second epoch's weights are the best
+LOSSES = {1: 0.9, 2: 0.5, 3: 0.7, 4: 0.8, 5: 0.4}  # validation loss by epoch: of 3 epochs, the second is best
 
 
 @pytest.fixture()
@@ -60,7 +60,8 @@ def test_the_best_validation_is_tested_and_exported_and_the_last_state_is_checkp
     assert not same(exported, saved(ckpts / "step_00000009", evaluated, exported))  # not the last weights...
     assert not same(exported, saved(ckpts / "step_00000009", "model", exported))  # ...which the last checkpoint keeps
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["best_model"] == {"metric": "loss", "value": 0.5, "step": 6, "epoch": 2}
+    assert summary["best_model"] == {"metric": "loss", "value": 0.5, "step": 6, "epoch": 2, "stale": 1,
+                                     "stopped_early": False}
     assert summary["eval"]["validation"]["loss"] == 0.5  # that validation's result is the one reported
     # the test split was evaluated on those weights: the exported folder gives the same numbers
     assert main(["eval", "--model", str(run / "model"), "--dataset", str(tiny_beans), "--split", "test",
@@ -107,10 +108,23 @@ def test_without_the_flag_the_last_weights_are_exported(tiny_beans, tmp_path, sc
     assert "best_model" not in json.loads((run / "summary.json").read_text())
 
 
+def test_early_stopping_ends_the_run_once_the_best_validation_is_patience_validations_old(
+        tiny_beans, tmp_path, capsys, scripted):
+    run = tmp_path / "run"
+    assert main(train_args(tiny_beans, run, *BEST, "--epochs", "5", "--early_stopping_patience", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "early stopping at epoch 4: no better validation loss in 2 validations" in printed
+    assert "best model: epoch 2, validation loss 0.5000" in printed  # epoch 5 (0.4) never ran
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["best_model"]["stopped_early"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_00000012"
+
+
 @pytest.mark.parametrize("flags, phrase", [
     (("--load_best_model_at_end", "--eval_every", "0"), "--eval_every 0 with --epochs 2 runs none"),
     (("--load_best_model_at_end", "--eval_every", "3"), "--eval_every 3 with --epochs 2 runs none"),
     (("--metric_for_best_model", "f1"), "unknown --metric_for_best_model 'f1'; choose loss or accuracy"),
+    (("--early_stopping_patience", "2"), "add --load_best_model_at_end"),
 ])
 def test_a_best_model_that_cannot_be_picked_is_refused(capsys, tiny_beans, tmp_path, flags, phrase):
     fails_with(capsys, train_args(tiny_beans, tmp_path / "run", *flags), phrase)

@@ -31,6 +31,7 @@ class BestWeights:
         self.value: float | None = None  # the best validation's metric; None before the first validation
         self.step = self.epoch = 0
         self.metrics: dict | None = None  # that validation's full result (reported as the final validation)
+        self.stale = 0  # validations since the best one (--early_stopping_patience)
 
     def better(self, value: float) -> bool:
         return self.value is None or (value < self.value if self.metric == "loss" else value > self.value)
@@ -40,7 +41,9 @@ class BestWeights:
         """After a validation: keep the weights it evaluated (the EMA's under --ema) if they are the best
         yet (a tie keeps the earlier ones)."""
         if not self.better(metrics[self.metric]):
+            self.stale += 1
             return False
+        self.stale = 0
         with eval_weights():
             torch._foreach_copy_(local_shards(self.weights), local_shards(self.params))
         self.value, self.step, self.epoch, self.metrics = float(metrics[self.metric]), step, epoch, metrics
@@ -63,13 +66,13 @@ class BestWeights:
 
     def trainer_state(self) -> dict[str, Any]:
         return {"metric": self.metric, "value": self.value, "step": self.step, "epoch": self.epoch,
-                "metrics": self.metrics}
+                "stale": self.stale, "metrics": self.metrics}
 
     def load_trainer_state(self, state: dict[str, Any] | None) -> None:
         """A checkpoint's record of its best validation; one chosen by another metric (or none) is
         dropped: the run picks afresh from its next validation."""
         if not state or state.get("metric") != self.metric or state.get("value") is None:
-            self.value, self.step, self.epoch, self.metrics = None, 0, 0, None
+            self.value, self.step, self.epoch, self.metrics, self.stale = None, 0, 0, None, 0
             return
         self.value, self.step, self.epoch = state["value"], state["step"], state["epoch"]
-        self.metrics = state["metrics"]
+        self.metrics, self.stale = state["metrics"], state.get("stale", 0)

@@ -108,6 +108,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load_best_model_at_end", action=BOOL, default=None,
                    help="test and export the weights of the best validation, not the last (HF Trainer's option)")
     g.add_argument("--metric_for_best_model", help="loss (default, lower is better) or accuracy")
+    g.add_argument("--early_stopping_patience", type=int,
+                   help="with --load_best_model_at_end: stop after N validations without a better one (0: off)")
     g.add_argument("--keep_checkpoints", "--save_total_limit", dest="keep_checkpoints", type=int)
     g.add_argument("--async_checkpoint", action=BOOL, default=None,
                    help="write checkpoints in the background while training goes on (default: on)")

@@ -84,6 +84,7 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs (0: only at the end)
     load_best_model_at_end: bool = False  # test and export the weights of the best validation (HF Trainer's option)
     metric_for_best_model: str = "loss"  # loss (lower is better) or accuracy; HF Trainer's default is loss
+    early_stopping_patience: int = 0  # stop after N validations without a better one (HF's EarlyStoppingCallback)
     log_every: int = 10
     save_every: int = 0  # also checkpoint every N optimizer steps
     save_epochs: int = 1  # checkpoint every N epochs (the last state is always saved)
@@ -157,6 +158,11 @@ class TrainConfig:
             raise ConfigError(f"--load_best_model_at_end picks among the validations during training, and "
                               f"--eval_every {self.eval_every} with --epochs {self.epochs} runs none; "
                               f"set --eval_every N (validate every N epochs, N <= --epochs)")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"--early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}")
+        if self.early_stopping_patience and not self.load_best_model_at_end:
+            raise ConfigError("--early_stopping_patience stops when the best validation is that many validations "
+                              "old, and tests and exports that best: add --load_best_model_at_end (as HF Trainer)")
         if self.lr_scheduler_type not in LR_SCHEDULES:
             raise ConfigError(f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}; choose one of "
                               f"{', '.join(LR_SCHEDULES)}")

@@ -276,7 +276,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     print_every = max(cfg.log_every, total_steps // 20)
     meter = Meter(device)
     last_validation: dict[int, dict] = {}  # {step: metrics} of the latest one: the final eval may reuse it
-    while epoch < cfg.epochs and step < total_steps and not preempt.stopped:
+    stopped_early = False  # --early_stopping_patience
+    while epoch < cfg.epochs and step < total_steps and not preempt.stopped and not stopped_early:
         inputs = batches.epoch(epoch, start=batch_in_epoch)  # (model inputs, targets) on the device
         while batch_in_epoch + cfg.grad_accum <= batches.per_epoch and step < total_steps:
             micro_batches = []
@@ -308,12 +309,13 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                 last_validation = {step: m}
                 if engine.best is not None:
                     engine.best.consider(step, epoch, m, engine.eval_weights)
+                    stopped_early = 0 < cfg.early_stopping_patience <= engine.best.stale
                 history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
                 log(**history[-1])
                 log.evaluation("validation", step, m)
                 if is_main:
                     bar.write(f"epoch {epoch}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
-            last_epoch = epoch == cfg.epochs or step >= total_steps
+            last_epoch = epoch == cfg.epochs or step >= total_steps or stopped_early
             if epoch % cfg.save_epochs == 0 and not last_epoch:  # the last state is saved after the final eval
                 checkpoint(wait=False)
     bar.close()
@@ -323,6 +325,9 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         log.close()  # the --report_to sinks' buffered events: the process ends right after this
         raise preempt.exit(step, ckpt_root / f"step_{step:08d}", is_main)
     lap("train")
+    if stopped_early:
+        say(f"early stopping at epoch {epoch}: no better validation {cfg.metric_for_best_model} in "
+            f"{cfg.early_stopping_patience} validations")
     if engine.best is not None:  # the last state first: it is what --resume continues from
         checkpoint()
         if engine.best.restore(engine.ema):
@@ -351,7 +356,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                "steps": step, "train_seconds": round(clock.phases["train"], 2), "eval": results, "history": history,
                "skipped_images": data.skipped, **({"teacher": teacher} if teacher else {})}
     if engine.best is not None:
-        summary["best_model"] = {k: v for k, v in engine.best.trainer_state().items() if k != "metrics"}
+        summary["best_model"] = {**{k: v for k, v in engine.best.trainer_state().items() if k != "metrics"},
+                                 "stopped_early": stopped_early}
     if device.type == "cuda":
         summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
