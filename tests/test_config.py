@@ -19,11 +19,12 @@ def test_hf_trainer_spellings_are_aliases():
         ["train", "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "4",
          "--per_device_eval_batch_size", "32", "--logging_steps", "5", "--save_steps", "100", "--save_total_limit", "3",
          "--output_dir", "out", "--gradient_checkpointing", "--learning_rate", "1e-3", "--lr_scheduler_type", "linear",
-         "--warmup_steps", "10", "--bf16"])
+         "--warmup_steps", "10", "--bf16", "--resume_from_checkpoint", "out/checkpoints/step_00000010"])
     ours = build_parser().parse_args(
         ["train", "--epochs", "2", "-b", "16", "--grad_accum", "4", "--eval_batch_size", "32", "--log_every", "5",
          "--save_every", "100", "--keep_checkpoints", "3", "--output", "out", "--grad_checkpoint", "--lr", "1e-3",
-         "--lr_scheduler_type", "linear", "--warmup_steps", "10", "--mixed_precision", "bf16"])
+         "--lr_scheduler_type", "linear", "--warmup_steps", "10", "--mixed_precision", "bf16",
+         "--resume", "out/checkpoints/step_00000010"])
     assert vars(theirs) == vars(ours)
     assert build_parser().parse_args(["train", "--fp16"]).mixed_precision == "fp16"
 

@@ -114,7 +114,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--async_checkpoint", action=BOOL, default=None,
                    help="write checkpoints in the background while training goes on (default: on)")
     g.add_argument("--output", "--output_path", "--output_dir", dest="output")
-    g.add_argument("--resume", help="auto (latest in --output) or a checkpoint folder")
+    g.add_argument("--resume", "--resume_from_checkpoint", dest="resume",
+                   help="auto (latest in --output) or a checkpoint folder")
     g.add_argument("--overwrite", action=BOOL, default=None)
     g.add_argument("--plot", action=BOOL, default=None)
     g.add_argument("--report_to", nargs="+", help="also log to: tensorboard (under <output>/tb) or none (default)")
