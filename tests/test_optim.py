@@ -109,3 +109,26 @@ def test_warmup_steps_replace_the_ratio_and_bad_values_are_refused():
         TrainConfig(lr_scheduler_type="cosin").validate()
     with pytest.raises(ConfigError, match="--warmup_steps must be >= 0"):
         TrainConfig(warmup_steps=-1).validate()
+
+
+@pytest.mark.parametrize("plugin", ["torch_ddp", "gemini"])  # gemini: the fused CPU step reads them from the groups
+def test_adam_betas_and_epsilon_reach_the_optimizer(tiny_beans, tmp_path, monkeypatch, plugin):
+    from tests.conftest import train_args
+    from vitboost.cli import main
+    built = []
+
+    class Recording(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            built.append(self)
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    flags = ("--adam_beta1", "0.8", "--adam_beta2", "0.95", "--adam_epsilon", "1e-6", "--plugin", plugin, "--epochs", "1")
+    assert main(train_args(tiny_beans, tmp_path / "run", *flags)) == 0
+    assert built and all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in built[-1].param_groups)
+
+
+@pytest.mark.parametrize("flag, value", [("--adam_beta2", "1.0"), ("--adam_epsilon", "0")])
+def test_bad_adam_settings_are_refused(capsys, tiny_beans, tmp_path, flag, value):
+    from tests.conftest import train_args
+    from tests.test_cli_errors import fails_with
+    fails_with(capsys, train_args(tiny_beans, tmp_path / "run", flag, value), f"{flag} must be")

@@ -62,6 +62,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr_scheduler_type", choices=LR_SCHEDULES,
                    help="after warmup: cosine (default) or linear decay to 0, constant_with_warmup; constant: no warmup")
     g.add_argument("--max_grad_norm", type=float)
+    g.add_argument("--adam_beta1", type=float, help="AdamW's beta1 (default 0.9)")
+    g.add_argument("--adam_beta2", type=float, help="AdamW's beta2 (default 0.999)")
+    g.add_argument("--adam_epsilon", type=float, help="AdamW's epsilon (default 1e-8)")
     g.add_argument("--layer_decay", type=float, help="layer-wise lr decay, e.g. 0.65: block i of L gets lr * "
                    "decay^(L-i), the embeddings decay^(L+1), the head the full lr (BEiT/MAE fine-tuning)")
     g.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.998 (evaluated and exported); 0: off")

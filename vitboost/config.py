@@ -53,6 +53,9 @@ class TrainConfig:
     warmup_steps: int = 0  # when > 0, the warmup in steps, in place of warmup_ratio (as HF Trainer)
     lr_scheduler_type: str = "cosine"  # after warmup: cosine | linear (decay to 0) | constant_with_warmup | constant
     max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9  # AdamW's betas and epsilon (HF Trainer's names and defaults)
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     layer_decay: float | None = None  # layer-wise lr decay (BEiT/MAE fine-tuning, timm's --layer-decay), e.g. 0.65
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); evaluated and exported
     # distillation (DeiT, class token only): a teacher's predictions join the labels as the student's targets
@@ -158,6 +161,11 @@ class TrainConfig:
             raise ConfigError(f"--load_best_model_at_end picks among the validations during training, and "
                               f"--eval_every {self.eval_every} with --epochs {self.epochs} runs none; "
                               f"set --eval_every N (validate every N epochs, N <= --epochs)")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_epsilon > 0:
+            raise ConfigError(f"--adam_epsilon must be > 0, got {self.adam_epsilon}")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}")
         if self.early_stopping_patience and not self.load_best_model_at_end:

@@ -101,7 +101,7 @@ class Engine:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         groups = param_groups(self.model, self.cfg.weight_decay, self.cfg.lr, self.cfg.layer_decay,
                               _unwrap(self.model).config.num_hidden_layers)
-        kw: dict = dict(lr=self.cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+        kw: dict = dict(lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_epsilon)
         sharded_fp16 = self.plan.precision == "fp16" and self._sharded_scaler and not self.plan.cpu_offload
         if (self.device.type == "cuda" or self.plan.cpu_offload) and not sharded_fp16:
             # fused: one kernel for all params on GPU; on CPU (gemini) a vectorized, multi-threaded step that
