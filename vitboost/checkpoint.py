@@ -256,7 +256,7 @@ def load_checkpoint(path: Path, engine) -> tuple[dict, dict | None]:
     if problem:
         raise DamagedCheckpoint(path, problem)
     state = _state(engine)
-    if BEST in state and not any(k.startswith(f"{BEST}.") for k in md.state_dict_metadata):
+    if BEST in state and not _holds(md, BEST):
         del state[BEST]  # written without --load_best_model_at_end: the run picks from its own validations
     try:
         dcp.load(state, storage_reader=_SafeReader(path, md), planner=_SafePlanner())
@@ -327,9 +327,12 @@ def load_model_weights(path: Path, model: torch.nn.Module, ema: bool = False) ->
 def _has_best(path: Path, md: Metadata) -> bool:
     """Whether the checkpoint holds best-validation weights chosen by a validation (before the first
     one, its ``best`` tensors are only the initial weights)."""
-    if not any(k.startswith(f"{BEST}.") for k in md.state_dict_metadata):
-        return False
-    return (_load_small(path, "trainer.pt").get(BEST) or {}).get("value") is not None
+    return _holds(md, BEST) and (_load_small(path, "trainer.pt").get(BEST) or {}).get("value") is not None
+
+
+def _holds(md: Metadata, key: str) -> bool:
+    """Whether the checkpoint saved anything under this top-level key of its state (e.g. "best")."""
+    return any(k.startswith(f"{key}.") for k in md.state_dict_metadata)
 
 
 # ---------------------------------------------------------------------------- writing
