@@ -177,6 +177,62 @@ class RunClock:
         return round(self.last - self.launched, 2)
 
 
+class Evaluations:
+    """The run's evaluations on the model as it trains (the EMA weights under --ema): each epoch's
+    validation, which also picks the best weights (--load_best_model_at_end) and decides early
+    stopping, and the final validation and test, which reuse a validation of the same weights."""
+
+    def __init__(self, engine: Engine, data: ImageDataset, cfg: TrainConfig, pre: Preprocess, dims: ParallelDims,
+                 dp_rank: int, dp_group, log: Logger, history: list[dict]):
+        self.engine, self.data, self.cfg, self.pre, self.dims = engine, data, cfg, pre, dims
+        self.dp_rank, self.dp_group, self.log = dp_rank, dp_group, log
+        self.history = history  # the epoch-end validations, for summary.json (a resumed run's earlier ones too)
+        self.latest: dict[int, dict] = {}  # {step: metrics} of the latest validation
+
+    def __call__(self, split: str) -> dict:
+        with self.engine.eval_weights():  # the EMA weights when --ema: what gets exported
+            return evaluate(self.engine, self.data.splits[split], self.data.label_names,
+                            batch_size=self.cfg.eval_batch_size, mean=self.pre.mean, std=self.pre.std,
+                            dp_rank=self.dp_rank, dp_size=self.dims.dp, dp_group=self.dp_group)
+
+    def due(self, epoch: int) -> bool:
+        """Whether a validation follows the ``epoch``-th epoch (--eval_every)."""
+        return bool(self.cfg.eval_every) and epoch % self.cfg.eval_every == 0 and "validation" in self.data.splits
+
+    def validate(self, step: int, epoch: int, write) -> bool:
+        """The validation after ``epoch`` epochs; True when --early_stopping_patience ends the run."""
+        m = self("validation")
+        self.latest = {step: m}
+        self.history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
+        self.log(**self.history[-1])
+        self.log.evaluation("validation", step, m)
+        write(f"epoch {epoch}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
+        best = self.engine.best
+        if best is None:
+            return False
+        best.consider(step, epoch, m, self.engine.eval_weights)
+        return 0 < self.cfg.early_stopping_patience <= best.stale
+
+    def restore_best(self, step: int, say) -> None:
+        """Put the best validation's weights in the model: the final evaluation and the export use them."""
+        best = self.engine.best
+        if best is not None and best.restore(self.engine.ema):
+            self.latest = {step: best.metrics}
+            say(f"best model: epoch {best.epoch}, validation {self.cfg.metric_for_best_model} {best.value:.4f}: "
+                f"tested and exported")
+
+    def final(self, step: int, say) -> dict[str, dict]:
+        """Validation and test of the weights the run ends with (a validation at this step is reused)."""
+        results = {}
+        for split in ("validation", "test"):
+            if split in self.data.splits:
+                reused = self.latest.get(step) if split == "validation" else None
+                results[split] = reused or self(split)
+                say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
+                self.log.evaluation(split, step, results[split], final=True)
+        return results
+
+
 def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     """launched: when the process started (time.perf_counter's clock), for the ``launch`` phase."""
     clock = RunClock(launched)
@@ -199,30 +255,19 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     torch.manual_seed(cfg.seed)  # the same random stream on every rank from the start
     size = _model_image_size(cfg)
     data = _load_data(cfg, size, is_main, say)
-    if cfg.load_best_model_at_end and "validation" not in data.splits:
-        raise ConfigError(f"--load_best_model_at_end picks the weights by their validation, and {cfg.dataset} has no "
-                          f"validation split (it has {', '.join(data.splits)}); add one or drop the flag")
     lap("data")
     model, pre = _model(cfg, data.label_names, size, device, dims, out, say)
     plan = make_plan(cfg, device.type, world, sum(p.numel() for p in model.parameters()), model_dims(model.config))
-    train_split = data.splits["train"]
-    global_batch, steps_per_epoch, total_steps = _run_length(cfg, len(train_split), dims.dp)
-    plan = plan_step(plan, cfg, device.type, total_steps,  # compile / CUDA graph: depend on the run's length
-                     _eval_batches(cfg, data.splits, dims.dp))
-    for note in (plan.reason, *plan.step_notes):
-        if note:
-            say(note)
+    global_batch, steps_per_epoch, total_steps = _run_length(cfg, len(data.splits["train"]), dims.dp)
+    plan = _plan_step(plan, cfg, device, total_steps, data, dims, say)
     if is_main:  # the input is known good (data, model, layout, step plan): only now is anything written
         claim_output(cfg, out)
         save_run_config(model, pre, out)  # before parallelization touches the model
     engine = Engine(model, cfg, dims, plan, device, soft_cross_entropy)
     say(f"strategy: {plan.plugin} (dp={dims.dp} tp={dims.tp} pp={dims.pp}, {plan.precision}) on {world} x {device.type}")
     scheduler = lr_schedule(engine.optimizer, total_steps, cfg.warmup(total_steps), cfg.lr_scheduler_type)
-    overrides = {"mixup_alpha": cfg.mixup, "cutmix_alpha": cfg.cutmix, "label_smoothing": cfg.label_smoothing}
-    aug_cfg = AugmentConfig.preset(cfg.augment).with_(**{k: v for k, v in overrides.items() if v is not None})
-    augment = GpuAugment(aug_cfg, len(data.label_names), pre.mean, pre.std, seed=cfg.seed + 1000 * dp_rank,
-                         device=device)
-    train_split = _on_gpu_if_small(train_split, device)
+    augment = _augment(cfg, len(data.label_names), pre, dp_rank, device)
+    train_split = _on_gpu_if_small(data.splits["train"], device)
     lap("model")
     ahead = compile_ahead(engine, cfg, size)  # the blocks' graph compiles while the teacher trains
     distiller, teacher = make_distiller(cfg, augment, train_split, data.splits, data.label_names, pre, device, out,
@@ -235,26 +280,17 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                            per_epoch=steps_per_epoch * cfg.grad_accum, dp=dims.dp, dp_rank=dp_rank, seed=cfg.seed,
                            image_size=size, device=device)
 
-    # resume: the newest checkpoint that loads (--resume auto) or the one named
     ckpt_root = out / "checkpoints"
     preempt = Preemption(every=cfg.log_every)  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit
     state = TrainState(scheduler, batches, device, engine.scaler, engine.best)
-    history: list[dict] = []
-    found = resume_checkpoint(cfg.resume, ckpt_root, engine, say) if cfg.resume else None
-    if found:
-        resume_from, trainer_state, rng = found
-        state.load_state_dict(trainer_state)
-        state.load_rng_state_dict(rng)
-        if is_main:
-            history = trim_metrics(out / "metrics.jsonl", state)  # one row per step: drop rows logged after it
-        say(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})")
-    elif cfg.resume == "auto":
-        say(f"--resume auto: no checkpoint in {ckpt_root}; starting fresh")
+    resumed = _resume(cfg, ckpt_root, engine, state, say)
+    history = trim_metrics(out / "metrics.jsonl", state) if resumed and is_main else []  # one row per step
     step, epoch, batch_in_epoch = state.step, state.epoch, state.batch_in_epoch
     if is_main:
         cfg.save(out / RUN_MARKER)
     log = Logger(out / "metrics.jsonl" if is_main else None, make_sinks(
-        cfg.report_to, out, data.label_names, step if found else None, say) if is_main else None)
+        cfg.report_to, out, data.label_names, step if resumed else None, say) if is_main else None)
+    evals = Evaluations(engine, data, cfg, pre, dims, dp_rank, dp_group, log, history)
 
     def checkpoint(wait: bool = True) -> None:
         """Save this step, once (an epoch end can also be a --save_every step). wait=False: an epoch end
@@ -273,9 +309,9 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     live = is_main and cfg.progress and sys.stdout.isatty()
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
+    write = bar.write if is_main else say
     print_every = max(cfg.log_every, total_steps // 20)
     meter = Meter(device)
-    last_validation: dict[int, dict] = {}  # {step: metrics} of the latest one: the final eval may reuse it
     stopped_early = False  # --early_stopping_patience
     while epoch < cfg.epochs and step < total_steps and not preempt.stopped and not stopped_early:
         inputs = batches.epoch(epoch, start=batch_in_epoch)  # (model inputs, targets) on the device
@@ -303,18 +339,9 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                 break
         if batch_in_epoch >= batches.per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
-            if cfg.eval_every and epoch % cfg.eval_every == 0 and "validation" in data.splits:
+            if evals.due(epoch):
                 with clock.inside("validation"):
-                    m = _eval(engine, data, "validation", cfg, pre, dims, dp_rank, dp_group)
-                last_validation = {step: m}
-                if engine.best is not None:
-                    engine.best.consider(step, epoch, m, engine.eval_weights)
-                    stopped_early = 0 < cfg.early_stopping_patience <= engine.best.stale
-                history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
-                log(**history[-1])
-                log.evaluation("validation", step, m)
-                if is_main:
-                    bar.write(f"epoch {epoch}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
+                    stopped_early = evals.validate(step, epoch, write)
             last_epoch = epoch == cfg.epochs or step >= total_steps or stopped_early
             if epoch % cfg.save_epochs == 0 and not last_epoch:  # the last state is saved after the final eval
                 checkpoint(wait=False)
@@ -330,18 +357,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             f"{cfg.early_stopping_patience} validations")
     if engine.best is not None:  # the last state first: it is what --resume continues from
         checkpoint()
-        if engine.best.restore(engine.ema):
-            last_validation = {step: engine.best.metrics}
-            say(f"best model: epoch {engine.best.epoch}, validation {cfg.metric_for_best_model} "
-                f"{engine.best.value:.4f}: tested and exported")
-
-    results = {}
-    for split in ("validation", "test"):
-        if split in data.splits:  # validation: reused when the last epoch ended at this step (same weights)
-            reused = last_validation.get(step) if split == "validation" else None
-            results[split] = reused or _eval(engine, data, split, cfg, pre, dims, dp_rank, dp_group)
-            say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
-            log.evaluation(split, step, results[split], final=True)
+        evals.restore_best(step, say)
+    results = evals.final(step, say)
     log.close()
     lap("final_eval")
     to_accuracy = clock.since_launch()  # launch to printed accuracy: what a user waits for
@@ -351,15 +368,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     checkpoint()
     finish_pending()
     lap("final_checkpoint")
-    summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
-               "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
-               "steps": step, "train_seconds": round(clock.phases["train"], 2), "eval": results, "history": history,
-               "skipped_images": data.skipped, **({"teacher": teacher} if teacher else {})}
-    if engine.best is not None:
-        summary["best_model"] = {**{k: v for k, v in engine.best.trainer_state().items() if k != "metrics"},
-                                 "stopped_early": stopped_early}
-    if device.type == "cuda":
-        summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    summary = _summary(cfg, plan, dims, world, device, step, clock, results, evals.history, data, teacher,
+                       engine.best, stopped_early)
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
     lap("export")
     summary["timings_s"], summary["train_breakdown_s"] = clock.phases, clock.train_breakdown()
@@ -372,6 +382,54 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     _barrier()
     if export_error is not None:
         raise export_error
+    return summary
+
+
+def _plan_step(plan, cfg: TrainConfig, device: torch.device, total_steps: int, data: ImageDataset,
+               dims: ParallelDims, say):
+    """The step's compile / CUDA graph, which depend on the run's length; the strategy's choice and
+    the step's are said with their reasons."""
+    plan = plan_step(plan, cfg, device.type, total_steps, _eval_batches(cfg, data.splits, dims.dp))
+    for note in (plan.reason, *plan.step_notes):
+        if note:
+            say(note)
+    return plan
+
+
+def _augment(cfg: TrainConfig, num_labels: int, pre: Preprocess, dp_rank: int, device: torch.device) -> GpuAugment:
+    """The --augment preset with the flags that override it; each data-parallel rank draws its own stream."""
+    overrides = {"mixup_alpha": cfg.mixup, "cutmix_alpha": cfg.cutmix, "label_smoothing": cfg.label_smoothing}
+    aug_cfg = AugmentConfig.preset(cfg.augment).with_(**{k: v for k, v in overrides.items() if v is not None})
+    return GpuAugment(aug_cfg, num_labels, pre.mean, pre.std, seed=cfg.seed + 1000 * dp_rank, device=device)
+
+
+def _resume(cfg: TrainConfig, ckpt_root: Path, engine: Engine, state: TrainState, say) -> bool:
+    """--resume: load the newest checkpoint that loads (auto) or the one named into the engine and state."""
+    found = resume_checkpoint(cfg.resume, ckpt_root, engine, say) if cfg.resume else None
+    if not found:
+        if cfg.resume == "auto":
+            say(f"--resume auto: no checkpoint in {ckpt_root}; starting fresh")
+        return False
+    resume_from, trainer_state, rng = found
+    state.load_state_dict(trainer_state)
+    state.load_rng_state_dict(rng)
+    say(f"resumed from {resume_from} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})")
+    return True
+
+
+def _summary(cfg: TrainConfig, plan, dims: ParallelDims, world: int, device: torch.device, step: int,
+             clock: RunClock, results: dict, history: list[dict], data: ImageDataset, teacher: dict | None,
+             best, stopped_early: bool) -> dict:
+    """summary.json, but for the timings (added once the export is done)."""
+    summary = {"config": cfg.to_dict(), "strategy": {"plugin": plan.plugin, "precision": plan.precision,
+               "dp": dims.dp, "tp": dims.tp, "pp": dims.pp, "world_size": world, "device": device.type},
+               "steps": step, "train_seconds": round(clock.phases["train"], 2), "eval": results, "history": history,
+               "skipped_images": data.skipped, **({"teacher": teacher} if teacher else {})}
+    if best is not None:
+        summary["best_model"] = {**{k: v for k, v in best.trainer_state().items() if k != "metrics"},
+                                 "stopped_early": stopped_early}
+    if device.type == "cuda":
+        summary["peak_gib_per_gpu"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return summary
 
 
@@ -466,6 +524,9 @@ def _load_data(cfg: TrainConfig, size: int, is_main: bool, say) -> ImageDataset:
                                   stream=cfg.stream, log=lambda *_: None)
     if "train" not in data.splits:
         raise ConfigError(f"dataset {cfg.dataset} has no train split")
+    if cfg.load_best_model_at_end and "validation" not in data.splits:
+        raise ConfigError(f"--load_best_model_at_end picks the weights by their validation, and {cfg.dataset} has no "
+                          f"validation split (it has {', '.join(data.splits)}); add one or drop the flag")
     return data
 
 
@@ -491,12 +552,6 @@ def _check_layout(cfg: TrainConfig, model, dims: ParallelDims) -> None:
     stages = dims.pp * (2 if cfg.pp_schedule == "Interleaved1F1B" else 1)
     if c.num_hidden_layers < stages:
         raise ConfigError(f"{c.num_hidden_layers} layers cannot fill {stages} pipeline stages; lower --pp_size")
-
-
-def _eval(engine, data: ImageDataset, split: str, cfg: TrainConfig, pre: Preprocess, dims, dp_rank, dp_group) -> dict:
-    with engine.eval_weights():  # the EMA weights when --ema: what gets exported
-        return evaluate(engine, data.splits[split], data.label_names, batch_size=cfg.eval_batch_size, mean=pre.mean,
-                        std=pre.std, dp_rank=dp_rank, dp_size=dims.dp, dp_group=dp_group)
 
 
 def _dp_mean(t: torch.Tensor, group) -> float:
