@@ -36,8 +36,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="hub id (google/vit-base-patch16-224), local HF folder, or named config "
                         "(vit-micro, vit-tiny, vit-small, vit-base, vit-large, vit-huge, vit-giant)")
     g.add_argument("--pretrained", choices=("auto", "true", "none"), help="auto: load weights when --model has them")
-    g.add_argument("--dataset", help="hub id (beans), imagefolder dir (data/beans), parquet file or dir")
-    g.add_argument("--image_size", type=int)
+    g.add_argument("--dataset", "--dataset_name", dest="dataset",
+                   help="hub id (beans), imagefolder dir (data/beans), parquet file or dir")
+    g.add_argument("--image_size", "--img_size", dest="image_size", type=int)
     g.add_argument("--patch_size", type=int)
     g.add_argument("--dropout", type=float)
     g.add_argument("--drop_path", type=float, help="stochastic depth rate of the last block (timm's drop_path_rate)")
@@ -54,20 +55,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_steps", type=int)
     g.add_argument("-b", "--batch_size", "--per_device_train_batch_size", dest="batch_size", type=int,
                    help="per data-parallel rank")
-    g.add_argument("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int)
+    g.add_argument("--grad_accum", "--gradient_accumulation_steps", "--grad_accum_steps", dest="grad_accum", type=int)
     g.add_argument("--lr", "--learning_rate", dest="lr", type=float, help="peak learning rate (not scaled by world size)")
     g.add_argument("--weight_decay", type=float)
     g.add_argument("--warmup_ratio", type=float, help="warmup as a fraction of the run's steps (default 0.3)")
     g.add_argument("--warmup_steps", type=int, help="warmup in steps; when > 0 it replaces --warmup_ratio")
     g.add_argument("--lr_scheduler_type", choices=LR_SCHEDULES,
                    help="after warmup: cosine (default) or linear decay to 0, constant_with_warmup; constant: no warmup")
-    g.add_argument("--max_grad_norm", type=float)
+    g.add_argument("--max_grad_norm", "--clip_grad", dest="max_grad_norm", type=float)
     g.add_argument("--adam_beta1", type=float, help="AdamW's beta1 (default 0.9)")
     g.add_argument("--adam_beta2", type=float, help="AdamW's beta2 (default 0.999)")
     g.add_argument("--adam_epsilon", type=float, help="AdamW's epsilon (default 1e-8)")
     g.add_argument("--layer_decay", type=float, help="layer-wise lr decay, e.g. 0.65: block i of L gets lr * "
                    "decay^(L-i), the embeddings decay^(L+1), the head the full lr (BEiT/MAE fine-tuning)")
-    g.add_argument("--ema", type=float, help="weight EMA decay per step, e.g. 0.998 (evaluated and exported); 0: off")
+    g.add_argument("--ema", "--model_ema_decay", dest="ema", type=float, help="weight EMA decay per step, e.g. 0.998 (evaluated and exported); 0: off")
     g.add_argument("--seed", type=int)
     g.add_argument("--distillation_type", choices=("none", "hard", "soft"),
                    help="learn from a convnet teacher's predictions too (DeiT): hard = its argmax")
@@ -78,7 +79,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--augment", choices=("none", "light", "strong"))
     g.add_argument("--mixup", type=float)
     g.add_argument("--cutmix", type=float)
-    g.add_argument("--label_smoothing", type=float)
+    g.add_argument("--label_smoothing", "--smoothing", "--label_smoothing_factor", dest="label_smoothing", type=float)
     g = p.add_argument_group("strategy")
     g.add_argument("--plugin", choices=PLUGINS)
     g.add_argument("--zero_stage", type=int, choices=(1, 2))
@@ -97,13 +98,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (default auto: when the run is long enough to pay it back; true = "
                         "blocks: each block, one graph they share; model: the whole model as one graph)")
     g.add_argument("--no-compile", dest="compile", action="store_const", const="false", help=argparse.SUPPRESS)
+    g.add_argument("--torch_compile", dest="compile", action="store_const", const="true", help=argparse.SUPPRESS)
     g.add_argument("--cuda_graph", nargs="?", const="true", choices=("auto", "true", "false"),
                    help="capture the whole step as one CUDA graph (default auto: wherever the step allows)")
     g.add_argument("--no-cuda_graph", dest="cuda_graph", action="store_const", const="false", help=argparse.SUPPRESS)
     g.add_argument("--tf32", action=BOOL, default=None, help="fp32 matmuls on TF32 tensor cores (default on)")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"))
     g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--eval_batch_size", "--per_device_eval_batch_size", dest="eval_batch_size", type=int)
+    g.add_argument("--eval_batch_size", "--per_device_eval_batch_size", "--validation_batch_size",
+                   dest="eval_batch_size", type=int)
     g.add_argument("--log_every", "--logging_steps", dest="log_every", type=int)
     g.add_argument("--save_every", "--save_steps", dest="save_every", type=int, help="checkpoint every N optimizer steps")
     g.add_argument("--save_epochs", type=int, help="checkpoint every N epochs (default 1)")
@@ -128,10 +131,28 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 class _Parser(argparse.ArgumentParser):
     """A misspelt flag or value is one ``error:`` line naming it and where the choices are (exit 2),
-    as every other bad input, instead of argparse's usage block (30 lines for train) above it."""
+    as every other bad input, instead of argparse's usage block (30 lines for train) above it.
+    Every flag also takes hyphens for its underscores (timm's ``--drop-path``, ``--no-async-checkpoint``),
+    as HF's argument parser does."""
 
     def error(self, message: str):
         self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._spelled(a) for a in args], namespace)
+
+    def _spelled(self, token: str) -> str:
+        """``--foo-bar[=v]`` as the ``--foo_bar[=v]`` this parser knows (``--no-foo-bar``: ``--no-foo_bar``);
+        anything else as given, so an unknown flag is still reported as typed."""
+        flag, eq, value = token.partition("=")
+        if not flag.startswith("--") or flag in self._option_string_actions:
+            return token
+        negated = flag.startswith("--no-")
+        for known in ("--" + flag[2:].replace("-", "_"), "--no-" + flag[5:].replace("-", "_") if negated else ""):
+            if known in self._option_string_actions:
+                return known + eq + value
+        return token
 
 
 def build_parser() -> argparse.ArgumentParser:
