@@ -28,7 +28,11 @@ class BestWeights:
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.weights = [p.detach().clone() for p in self.params]
-        self.value: float | None = None  # the best validation's metric; None before the first validation
+        self._forget()
+
+    def _forget(self) -> None:
+        """No validation seen yet."""
+        self.value: float | None = None  # the best validation's metric
         self.step = self.epoch = 0
         self.metrics: dict | None = None  # that validation's full result (reported as the final validation)
         self.stale = 0  # validations since the best one (--early_stopping_patience)
@@ -72,7 +76,7 @@ class BestWeights:
         """A checkpoint's record of its best validation; one chosen by another metric (or none) is
         dropped: the run picks afresh from its next validation."""
         if not state or state.get("metric") != self.metric or state.get("value") is None:
-            self.value, self.step, self.epoch, self.metrics, self.stale = None, 0, 0, None, 0
+            self._forget()
             return
         self.value, self.step, self.epoch = state["value"], state["step"], state["epoch"]
         self.metrics, self.stale = state["metrics"], state.get("stale", 0)
