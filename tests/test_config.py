@@ -35,7 +35,8 @@ def test_timm_spellings_and_hyphens_are_aliases():
     theirs = build_parser().parse_args(
         ["train", "--batch-size", "16", "--drop-path", "0.1", "--weight-decay", "0.05", "--smoothing", "0.1",
          "--clip-grad", "1.0", "--grad-accum-steps", "2", "--img-size", "160", "--model-ema-decay", "0.998",
-         "--layer-decay", "0.65", "--validation-batch-size", "64", "--no-async-checkpoint", "--lr-scheduler-type=linear"])
+         "--layer-decay", "0.65", "--validation-batch-size", "64", "--no-async-checkpoint",
+         "--lr-scheduler-type=linear"])
     ours = build_parser().parse_args(
         ["train", "-b", "16", "--drop_path", "0.1", "--weight_decay", "0.05", "--label_smoothing", "0.1",
          "--max_grad_norm", "1.0", "--grad_accum", "2", "--image_size", "160", "--ema", "0.998",

@@ -227,9 +227,9 @@ class Evaluations:
         for split in ("validation", "test"):
             if split in self.data.splits:
                 reused = self.latest.get(step) if split == "validation" else None
-                results[split] = reused or self(split)
-                say(f"eval accuracy: {results[split]['accuracy']:.4f} ({split}, {results[split]['num_samples']} images)")
-                self.log.evaluation(split, step, results[split], final=True)
+                m = results[split] = reused or self(split)
+                say(f"eval accuracy: {m['accuracy']:.4f} ({split}, {m['num_samples']} images)")
+                self.log.evaluation(split, step, m, final=True)
         return results
 
 
