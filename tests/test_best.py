@@ -55,7 +55,7 @@ def test_the_best_validation_is_tested_and_exported_and_the_last_state_is_checkp
     run = tmp_path / "run"
     ema = ("--ema", "0.9") if evaluated == "ema" else ()
     assert main(train_args(tiny_beans, run, *BEST, *ema)) == 0  # 3 epochs x 3 steps, a checkpoint per epoch
-    assert "best model: epoch 2, validation loss 0.5000: tested and exported" in capsys.readouterr().out
+    assert "best model: epoch 2 (step 6), validation loss 0.5000: tested and exported" in capsys.readouterr().out
     exported = exported_params(run / "model")
     ckpts = run / "checkpoints"
     assert same(exported, saved(ckpts / "step_00000006", evaluated, exported))  # what epoch 2's validation evaluated
@@ -115,7 +115,7 @@ def test_early_stopping_ends_the_run_once_the_best_validation_is_patience_valida
     assert main(train_args(tiny_beans, run, *BEST, "--epochs", "5", "--early_stopping_patience", "2")) == 0
     printed = capsys.readouterr().out
     assert "early stopping at epoch 4: no better validation loss in 2 validations" in printed
-    assert "best model: epoch 2, validation loss 0.5000" in printed  # epoch 5 (0.4) never ran
+    assert "best model: epoch 2 (step 6), validation loss 0.5000" in printed  # epoch 5 (0.4) never ran
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 12 and summary["best_model"]["stopped_early"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_00000012"

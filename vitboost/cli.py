@@ -111,6 +111,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save_every", "--save_steps", dest="save_every", type=int, help="checkpoint every N optimizer steps")
     g.add_argument("--save_epochs", type=int, help="checkpoint every N epochs (default 1)")
     g.add_argument("--eval_every", type=int, help="validate every N epochs (0: only at the end)")
+    g.add_argument("--eval_steps", type=int, help="also validate every N optimizer steps (HF Trainer's; 0: off); "
+                   "a step that ends an epoch with a validation due is validated once")
     g.add_argument("--load_best_model_at_end", action=BOOL, default=None,
                    help="test and export the weights of the best validation, not the last (HF Trainer's option)")
     g.add_argument("--metric_for_best_model", help="loss (default, lower is better) or accuracy")

@@ -85,6 +85,7 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_batch_size: int = 64
     eval_every: int = 1  # validate every N epochs (0: only at the end)
+    eval_steps: int = 0  # also validate every N optimizer steps (HF Trainer's eval_steps; 0: off)
     load_best_model_at_end: bool = False  # test and export the weights of the best validation (HF Trainer's option)
     metric_for_best_model: str = "loss"  # loss (lower is better) or accuracy; HF Trainer's default is loss
     early_stopping_patience: int = 0  # stop after N validations without a better one (HF's EarlyStoppingCallback)
@@ -157,10 +158,10 @@ class TrainConfig:
             raise ConfigError(f"unknown --metric_for_best_model {self.metric_for_best_model!r}; choose "
                               f"{' or '.join(BEST_METRICS)}")
         self.metric_for_best_model = metric
-        if self.load_best_model_at_end and not 0 < self.eval_every <= self.epochs:
+        if self.load_best_model_at_end and not (0 < self.eval_every <= self.epochs or self.eval_steps > 0):
             raise ConfigError(f"--load_best_model_at_end picks among the validations during training, and "
                               f"--eval_every {self.eval_every} with --epochs {self.epochs} runs none; "
-                              f"set --eval_every N (validate every N epochs, N <= --epochs)")
+                              f"set --eval_every N (validate every N epochs, N <= --epochs) or --eval_steps N")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
@@ -174,7 +175,7 @@ class TrainConfig:
         if self.lr_scheduler_type not in LR_SCHEDULES:
             raise ConfigError(f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}; choose one of "
                               f"{', '.join(LR_SCHEDULES)}")
-        for name in ("max_steps", "save_every", "eval_every", "keep_checkpoints"):
+        for name in ("max_steps", "save_every", "eval_every", "eval_steps", "keep_checkpoints"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name} must be >= 0 (0: {_ZERO[name]}), got {getattr(self, name)}")
         if self.save_epochs < 1:
@@ -228,7 +229,7 @@ class TrainConfig:
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _ZERO = {"max_steps": "no limit", "save_every": "only at epoch ends", "eval_every": "only at the end",
-         "keep_checkpoints": "keep all"}
+         "eval_steps": "off", "keep_checkpoints": "keep all"}
 
 
 def check_patch_grid(image_size: int, patch_size: int) -> None:

@@ -178,15 +178,16 @@ class RunClock:
 
 
 class Evaluations:
-    """The run's evaluations on the model as it trains (the EMA weights under --ema): each epoch's
-    validation, which also picks the best weights (--load_best_model_at_end) and decides early
-    stopping, and the final validation and test, which reuse a validation of the same weights."""
+    """The run's evaluations on the model as it trains (the EMA weights under --ema): the validations
+    after epochs (--eval_every) and steps (--eval_steps), which also pick the best weights
+    (--load_best_model_at_end) and decide early stopping, and the final validation and test, which
+    reuse a validation of the same weights."""
 
     def __init__(self, engine: Engine, data: ImageDataset, cfg: TrainConfig, pre: Preprocess, dims: ParallelDims,
                  dp_rank: int, dp_group, log: Logger, history: list[dict]):
         self.engine, self.data, self.cfg, self.pre, self.dims = engine, data, cfg, pre, dims
         self.dp_rank, self.dp_group, self.log = dp_rank, dp_group, log
-        self.history = history  # the epoch-end validations, for summary.json (a resumed run's earlier ones too)
+        self.history = history  # the validations so far, for summary.json (a resumed run's earlier ones too)
         self.latest: dict[int, dict] = {}  # {step: metrics} of the latest validation
 
     def __call__(self, split: str) -> dict:
@@ -199,14 +200,24 @@ class Evaluations:
         """Whether a validation follows the ``epoch``-th epoch (--eval_every)."""
         return bool(self.cfg.eval_every) and epoch % self.cfg.eval_every == 0 and "validation" in self.data.splits
 
-    def validate(self, step: int, epoch: int, write) -> bool:
-        """The validation after ``epoch`` epochs; True when --early_stopping_patience ends the run."""
+    def due_at_step(self, step: int, epoch: int, ends_epoch: bool) -> bool:
+        """Whether a validation follows this step (--eval_steps); not where the epoch it ends (``epoch``
+        epochs done before it) has its own validation due: one validation a step."""
+        return (self.cfg.eval_steps > 0 and step % self.cfg.eval_steps == 0 and "validation" in self.data.splits
+                and not (ends_epoch and self.due(epoch + 1)))
+
+    def validate(self, step: int, epoch: float, write, at_step: bool = False) -> bool:
+        """The validation at ``epoch`` (epochs done: a fraction mid-epoch, after a step's validation);
+        True when --early_stopping_patience ends the run. A step's row is marked ``at_step``: a resumed run
+        keeps it by its step (an epoch's row: by its epoch, metrics.jsonl's trim)."""
         m = self("validation")
         self.latest = {step: m}
-        self.history.append({"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]})
+        row = {"epoch": round(epoch, 4), "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]}
+        self.history.append({**row, "at_step": True} if at_step else row)
         self.log(**self.history[-1])
         self.log.evaluation("validation", step, m)
-        write(f"epoch {epoch}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
+        where = f"step {step} (epoch {epoch:.2f})" if at_step else f"epoch {epoch}"
+        write(f"{where}: validation loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
         best = self.engine.best
         if best is None:
             return False
@@ -218,8 +229,8 @@ class Evaluations:
         best = self.engine.best
         if best is not None and best.restore(self.engine.ema):
             self.latest = {step: best.metrics}
-            say(f"best model: epoch {best.epoch}, validation {self.cfg.metric_for_best_model} {best.value:.4f}: "
-                f"tested and exported")
+            say(f"best model: epoch {best.epoch:g} (step {best.step}), validation {self.cfg.metric_for_best_model} "
+                f"{best.value:.4f}: tested and exported")
 
     def final(self, step: int, say) -> dict[str, dict]:
         """Validation and test of the weights the run ends with (a validation at this step is reused)."""
@@ -331,11 +342,14 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                 if is_main and cfg.progress and not live and (step % print_every < cfg.log_every or step == total_steps):
                     print(f"step {step}/{total_steps} epoch {epoch + 1} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                           f"grad_norm {row['grad_norm']:.3f} img/s {row['img_per_s']:.0f}", flush=True)
+            if evals.due_at_step(step, epoch, ends_epoch=batch_in_epoch + cfg.grad_accum > batches.per_epoch):
+                with clock.inside("validation"):  # before this step's checkpoint, which then holds its effect
+                    stopped_early = evals.validate(step, epoch + batch_in_epoch / batches.per_epoch, write, True)
             bar.update(1)
             publish_finished()  # a background checkpoint write that ended takes its final name
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint()
-            if preempt.should_stop(step):
+            if preempt.should_stop(step) or stopped_early:
                 break
         if batch_in_epoch >= batches.per_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
@@ -389,7 +403,7 @@ def _plan_step(plan, cfg: TrainConfig, device: torch.device, total_steps: int, d
                dims: ParallelDims, say):
     """The step's compile / CUDA graph, which depend on the run's length; the strategy's choice and
     the step's are said with their reasons."""
-    plan = plan_step(plan, cfg, device.type, total_steps, _eval_batches(cfg, data.splits, dims.dp))
+    plan = plan_step(plan, cfg, device.type, total_steps, _eval_batches(cfg, data.splits, dims.dp, total_steps))
     for note in (plan.reason, *plan.step_notes):
         if note:
             say(note)
@@ -469,11 +483,12 @@ def _run_length(cfg: TrainConfig, train_images: int, dp: int) -> tuple[int, int,
     return global_batch, steps_per_epoch, min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
 
-def _eval_batches(cfg: TrainConfig, splits: dict, dp: int) -> int:
-    """Evaluation batches a data-parallel rank takes in the run: per-epoch validations, the final test."""
+def _eval_batches(cfg: TrainConfig, splits: dict, dp: int, total_steps: int) -> int:
+    """Evaluation batches a data-parallel rank takes in the run: the validations, the final test."""
     def batches(split: str) -> int:
         return batches_per_rank(len(splits[split]), cfg.eval_batch_size, dp) if split in splits else 0
-    validations = cfg.epochs // cfg.eval_every if cfg.eval_every else 1
+    validations = (cfg.epochs // cfg.eval_every if cfg.eval_every else 1) + (
+        total_steps // cfg.eval_steps if cfg.eval_steps else 0)
     return batches("validation") * max(1, validations) + batches("test")
 
 

@@ -90,6 +90,8 @@ def _before(line: str, state: TrainState) -> bool:
         return False  # a line cut by a kill
     if not isinstance(row, dict):
         return False
+    if "val_loss" in row and row.get("at_step"):  # --eval_steps: run before its step's checkpoint
+        return row.get("step", 0) <= state.step
     if "val_loss" in row:  # an epoch-end eval row: its epoch is the number of epochs completed
         return row.get("epoch", 0) <= state.epoch
     return row.get("step", 0) <= state.step
