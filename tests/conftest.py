@@ -1,6 +1,7 @@
 """Shared fixtures: a few real beans images per class, and tiny ViT configs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -64,3 +65,27 @@ def eval_rel(summary: dict, fp32: float) -> float:
     """Relative tolerance when `vitboost eval` of an export re-computes a loss the run reported: ``fp32``
     for an fp32 run; under bf16 (a GPU run) the two processes' kernels round differently (seen: 2e-4)."""
     return fp32 if summary["strategy"]["precision"] == "fp32" else 1e-3
+
+
+class Stop(RuntimeError):
+    """A run's crash, raised by stopped_at_step."""
+
+
+@contextlib.contextmanager
+def stopped_at_step(n: int):
+    """The run inside stops with Stop at its step n, after that step's validation and before its checkpoint
+    (the loop calls publish_finished once after every step, between the two)."""
+    import vitboost.train
+    publish, steps = vitboost.train.publish_finished, [0]
+
+    def publish_or_stop() -> None:
+        steps[0] += 1
+        if steps[0] == n:
+            raise Stop
+        publish()
+    vitboost.train.publish_finished = publish_or_stop
+    try:
+        with pytest.raises(Stop):
+            yield
+    finally:
+        vitboost.train.publish_finished = publish

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
-from tests.conftest import eval_rel, make_imagefolder, train_args
+from tests.conftest import eval_rel, make_imagefolder, stopped_at_step, train_args
 from tests.test_cli_errors import fails_with
 from vitboost.cli import main
 
@@ -76,26 +76,11 @@ def test_the_best_validation_is_tested_and_exported_and_the_last_state_is_checkp
     assert same(exported, exported_params(tmp_path / "exp"))
 
 
-class Stop(RuntimeError):
-    """Ends the first run in the middle of epoch 3, after the epoch-2 checkpoint."""
-
-
-def test_a_resumed_run_keeps_the_best_weights_of_the_steps_before_its_checkpoint(tiny_beans, tmp_path, monkeypatch,
-                                                                                 scripted):
-    import vitboost.train
+def test_a_resumed_run_keeps_the_best_weights_of_the_steps_before_its_checkpoint(tiny_beans, tmp_path, scripted):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert main(train_args(tiny_beans, straight, *BEST)) == 0
-    publish, steps = vitboost.train.publish_finished, [0]
-
-    def stop_at_step_7():  # called once after every step
-        steps[0] += 1
-        if steps[0] == 7:
-            raise Stop
-        publish()
-    monkeypatch.setattr(vitboost.train, "publish_finished", stop_at_step_7)
-    with pytest.raises(Stop):
+    with stopped_at_step(7):  # in epoch 3, after the epoch-2 checkpoint
         main(train_args(tiny_beans, broken, *BEST))
-    monkeypatch.setattr(vitboost.train, "publish_finished", publish)
     assert main(train_args(tiny_beans, broken, *BEST, "--resume", "auto")) == 0  # validates epoch 3 only (0.7)
     assert same(load_file(straight / "model" / "model.safetensors"), load_file(broken / "model" / "model.safetensors"))
     assert json.loads((broken / "summary.json").read_text())["best_model"]["epoch"] == 2

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import train_args
-from tests.test_best import Stop, exported_params, same, saved
+from tests.conftest import stopped_at_step, train_args
+from tests.test_best import exported_params, same, saved
 from tests.test_cli_errors import fails_with
 from vitboost.cli import main
 
@@ -30,23 +30,12 @@ def test_a_validation_every_n_steps_and_one_at_an_epoch_end(tiny_beans, tmp_path
     assert "step 2 (epoch 0.67): validation loss" in capsys.readouterr().out
 
 
-def test_a_run_resumed_between_step_validations_repeats_none_and_ends_as_the_straight_run(
-        tiny_beans, tmp_path, monkeypatch):
-    import vitboost.train
+def test_a_run_resumed_between_step_validations_repeats_none_and_ends_as_the_straight_run(tiny_beans, tmp_path):
     flags = ("--eval_steps", "2", "--save_every", "2", "--keep_checkpoints", "0", "--no-async_checkpoint")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert main(train_args(tiny_beans, straight, *flags)) == 0
-    publish, steps = vitboost.train.publish_finished, [0]
-
-    def stop_at_step_5():  # called once after every step: the run stops after its step-4 checkpoint
-        steps[0] += 1
-        if steps[0] == 5:
-            raise Stop
-        publish()
-    monkeypatch.setattr(vitboost.train, "publish_finished", stop_at_step_5)
-    with pytest.raises(Stop):
+    with stopped_at_step(5):  # after the step-4 checkpoint
         main(train_args(tiny_beans, broken, *flags))
-    monkeypatch.setattr(vitboost.train, "publish_finished", publish)
     assert main(train_args(tiny_beans, broken, *flags, "--resume", "auto")) == 0
     assert validations(broken) == validations(straight) == [(2, True), (3, False), (4, True), (6, False)]
     assert same(exported_params(broken / "model"), exported_params(straight / "model"))
