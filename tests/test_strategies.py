@@ -158,6 +158,27 @@ def test_checkpoint_saved_under_pp2_resumes_in_one_process(layer_decay, tiny_bea
 
 
 @pytest.fixture(scope="module")
+def steps_reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref_steps") / "run"
+    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out, eval_steps=2))
+    return out
+
+
+@pytest.mark.parametrize("name", ["fsdp", "pp2_1f1b"])
+def test_step_validations_under_sharded_layouts_match_one_process(name, steps_reference, tiny_beans, vit4_dir,
+                                                                   tmp_path):
+    """--eval_steps validates mid-epoch, between steps: FSDP's ranks each take their share of the
+    validation, a pipeline's stages run it together, and the run goes on as one process does."""
+    procs, overrides = CASES[name]
+    out = tmp_path / "run"
+    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, eval_steps=2, **overrides))
+    assert_same(steps_reference, out)
+    h0, h1 = result(steps_reference)[2]["history"], result(out)[2]["history"]
+    assert [h["step"] for h in h1] == [h["step"] for h in h0] == [2, 3, 4]  # steps 2 and 4; epoch 1 ends at 3
+    assert [h["val_loss"] for h in h1] == pytest.approx([h["val_loss"] for h in h0], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
 def best_reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ref_best") / "run"
     run_distributed(_train, 1, base(tiny_beans, vit4_dir, out, load_best_model_at_end=True))
