@@ -67,11 +67,23 @@ def assert_same(ref: Path, other: Path) -> None:
         assert abs(s1["eval"][split]["loss"] - s0["eval"][split]["loss"]) < 1e-5
 
 
+def one_process(factory, data: Path, model: Path, **kw) -> Path:
+    """A module fixture's reference: the run in one process."""
+    out = factory.mktemp("ref") / "run"
+    run_distributed(_train, 1, base(data, model, out, **kw))
+    return out
+
+
+def under_layout(name: str, data: Path, model: Path, out: Path, **kw) -> Path:
+    """The same run under CASES[name]'s processes and strategy."""
+    procs, overrides = CASES[name]
+    run_distributed(_train, procs, base(data, model, out, **kw, **overrides))
+    return out
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "run"
-    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out))
-    return out
+    return one_process(tmp_path_factory, tiny_beans, vit4_dir)
 
 
 CASES = {
@@ -95,17 +107,12 @@ CASES = {
 
 @pytest.mark.parametrize("name", CASES)
 def test_strategy_reproduces_single_process(name, reference, tiny_beans, vit4_dir, tmp_path):
-    procs, overrides = CASES[name]
-    out = tmp_path / "run"
-    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, **overrides))
-    assert_same(reference, out)
+    assert_same(reference, under_layout(name, tiny_beans, vit4_dir, tmp_path / "run"))
 
 
 @pytest.fixture(scope="module")
 def ema_reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref_ema") / "run"
-    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out, ema=0.9))
-    return out
+    return one_process(tmp_path_factory, tiny_beans, vit4_dir, ema=0.9)
 
 
 @pytest.mark.parametrize("name", ["fsdp", "tp2"])
@@ -113,17 +120,13 @@ def test_weight_ema_under_sharded_layouts_reproduces_single_process(name, ema_re
                                                                    tmp_path):
     """The EMA (evaluated and exported in place of the raw weights) averages DTensor shards under
     FSDP/TP exactly as it averages whole tensors in one process."""
-    procs, overrides = CASES[name]
-    out = tmp_path / "run"
-    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, ema=0.9, **overrides))
+    out = under_layout(name, tiny_beans, vit4_dir, tmp_path / "run", ema=0.9)
     assert_same(ema_reference, out)
 
 
 @pytest.fixture(scope="module")
 def layer_decay_reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref_layer_decay") / "run"
-    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out, layer_decay=0.5))
-    return out
+    return one_process(tmp_path_factory, tiny_beans, vit4_dir, layer_decay=0.5)
 
 
 @pytest.mark.parametrize("name", ["zero1", "pp2_1f1b", "tp2"])
@@ -131,9 +134,7 @@ def test_layer_decay_reproduces_single_process(name, layer_decay_reference, refe
                                                tmp_path):
     """Per-layer lr groups, built from the names each rank holds (a pipeline stage holds some blocks, ZeRO
     partitions each group), give the one-process run; and that run is not the one without layer decay."""
-    procs, overrides = CASES[name]
-    out = tmp_path / "run"
-    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, layer_decay=0.5, **overrides))
+    out = under_layout(name, tiny_beans, vit4_dir, tmp_path / "run", layer_decay=0.5)
     assert_same(layer_decay_reference, out)
     with pytest.raises(AssertionError):
         assert_params_close(result(reference)[1], result(out)[1])
@@ -159,9 +160,7 @@ def test_checkpoint_saved_under_pp2_resumes_in_one_process(layer_decay, tiny_bea
 
 @pytest.fixture(scope="module")
 def steps_reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref_steps") / "run"
-    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out, eval_steps=2))
-    return out
+    return one_process(tmp_path_factory, tiny_beans, vit4_dir, eval_steps=2)
 
 
 @pytest.mark.parametrize("name", ["fsdp", "pp2_1f1b"])
@@ -169,9 +168,7 @@ def test_step_validations_under_sharded_layouts_match_one_process(name, steps_re
                                                                    tmp_path):
     """--eval_steps validates mid-epoch, between steps: FSDP's ranks each take their share of the
     validation, a pipeline's stages run it together, and the run goes on as one process does."""
-    procs, overrides = CASES[name]
-    out = tmp_path / "run"
-    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, eval_steps=2, **overrides))
+    out = under_layout(name, tiny_beans, vit4_dir, tmp_path / "run", eval_steps=2)
     assert_same(steps_reference, out)
     h0, h1 = result(steps_reference)[2]["history"], result(out)[2]["history"]
     assert [h["step"] for h in h1] == [h["step"] for h in h0] == [2, 3, 4]  # steps 2 and 4; epoch 1 ends at 3
@@ -180,9 +177,7 @@ def test_step_validations_under_sharded_layouts_match_one_process(name, steps_re
 
 @pytest.fixture(scope="module")
 def best_reference(tiny_beans, vit4_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref_best") / "run"
-    run_distributed(_train, 1, base(tiny_beans, vit4_dir, out, load_best_model_at_end=True))
-    return out
+    return one_process(tmp_path_factory, tiny_beans, vit4_dir, load_best_model_at_end=True)
 
 
 @pytest.mark.parametrize("name", ["zero2", "fsdp", "pp2_1f1b"])
@@ -192,9 +187,7 @@ def test_best_model_under_sharded_layouts_reproduces_single_process(name, best_r
     stage's blocks; ZeRO-2's parameters are unsharded between forward and backward) and puts them back
     for the test evaluation and the export: as one process does. The run validates once (epoch 1 of
     max_steps 5), so the best weights are step 3's, not the last step's that the reference exports."""
-    procs, overrides = CASES[name]
-    out = tmp_path / "run"
-    run_distributed(_train, procs, base(tiny_beans, vit4_dir, out, load_best_model_at_end=True, **overrides))
+    out = under_layout(name, tiny_beans, vit4_dir, tmp_path / "run", load_best_model_at_end=True)
     assert_same(best_reference, out)
     assert result(out)[2]["best_model"]["step"] == 3
     with pytest.raises(AssertionError):

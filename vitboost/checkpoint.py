@@ -308,11 +308,9 @@ def load_model_weights(path: Path, model: torch.nn.Module, ema: bool = False) ->
     md = read_metadata(path)
     _check_shards(path, md)
     state = {"model": model.state_dict()}
-    trainable = {n: torch.empty_like(p) for n, p in model.named_parameters() if p.requires_grad}
-    if _has_best(path, md):  # own storage: these must not land in the tensors the raw weights load into
-        state[BEST] = trainable
-    elif ema:
-        state["ema"] = trainable
+    kept = BEST if _has_best(path, md) else "ema" if ema else None  # the weights exported instead of the raw ones
+    if kept:  # own storage: they must not land in the tensors the raw weights load into
+        state[kept] = {n: torch.empty_like(p) for n, p in model.named_parameters() if p.requires_grad}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         try:
@@ -320,8 +318,8 @@ def load_model_weights(path: Path, model: torch.nn.Module, ema: bool = False) ->
         except CheckpointException as e:
             raise DamagedCheckpoint(path, _failure(e)) from None
     model.load_state_dict(state["model"])
-    if BEST in state or ema:
-        model.load_state_dict(state.get(BEST, state.get("ema")), strict=False)
+    if kept:
+        model.load_state_dict(state[kept], strict=False)
 
 
 def _has_best(path: Path, md: Metadata) -> bool:

@@ -68,7 +68,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam_epsilon", type=float, help="AdamW's epsilon (default 1e-8)")
     g.add_argument("--layer_decay", type=float, help="layer-wise lr decay, e.g. 0.65: block i of L gets lr * "
                    "decay^(L-i), the embeddings decay^(L+1), the head the full lr (BEiT/MAE fine-tuning)")
-    g.add_argument("--ema", "--model_ema_decay", dest="ema", type=float, help="weight EMA decay per step, e.g. 0.998 (evaluated and exported); 0: off")
+    g.add_argument("--ema", "--model_ema_decay", dest="ema", type=float,
+                   help="weight EMA decay per step, e.g. 0.998 (evaluated and exported); 0: off")
     g.add_argument("--seed", type=int)
     g.add_argument("--distillation_type", choices=("none", "hard", "soft"),
                    help="learn from a convnet teacher's predictions too (DeiT): hard = its argmax")

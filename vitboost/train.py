@@ -210,9 +210,10 @@ class Evaluations:
         """The validation at ``epoch`` (epochs done: a fraction mid-epoch, after a step's validation);
         True when --early_stopping_patience ends the run. A step's row is marked ``at_step``: a resumed run
         keeps it by its step (an epoch's row: by its epoch, metrics.jsonl's trim)."""
+        epoch = round(epoch, 4)  # as the history and the best model record it
         m = self("validation")
         self.latest = {step: m}
-        row = {"epoch": round(epoch, 4), "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]}
+        row = {"epoch": epoch, "step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"]}
         self.history.append({**row, "at_step": True} if at_step else row)
         self.log(**self.history[-1])
         self.log.evaluation("validation", step, m)
@@ -344,7 +345,8 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
                           f"grad_norm {row['grad_norm']:.3f} img/s {row['img_per_s']:.0f}", flush=True)
             if evals.due_at_step(step, epoch, ends_epoch=batch_in_epoch + cfg.grad_accum > batches.per_epoch):
                 with clock.inside("validation"):  # before this step's checkpoint, which then holds its effect
-                    stopped_early = evals.validate(step, epoch + batch_in_epoch / batches.per_epoch, write, True)
+                    stopped_early = evals.validate(step, epoch + batch_in_epoch / batches.per_epoch, write,
+                                                   at_step=True)
             bar.update(1)
             publish_finished()  # a background checkpoint write that ended takes its final name
             if cfg.save_every and step % cfg.save_every == 0:
