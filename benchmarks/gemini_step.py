@@ -3,9 +3,10 @@ gradients out) against the CPU step (the gradient norm, then fused AdamW), per s
 around each part. BENCHMARKS.md section 27.
 
     python benchmarks/gemini_step.py bf16            # ViT-B b128, as issue 10's gemini row
-    python benchmarks/gemini_step.py fp16 --keep-gathered   # params kept gathered between fwd and bwd
+    python benchmarks/gemini_step.py fp16
 
-Run it several times: on one host the same code spanned 861-1,184 img/s from process to process.
+Run it several times: on one host the same code spanned 792-1,184 img/s from process to process
+(sections 27-28). One GPU already keeps the gathered params from forward to backward (parallel/plan.py).
 """
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ import torch
 
 import vitboost.engine as engine_mod
 import vitboost.parallel.clip as clip_mod
-import vitboost.parallel.fsdp as fsdp_mod
-import vitboost.parallel.parallelize as parallelize_mod
 
 times: dict[str, list[float]] = {"fwd_bwd": [], "step": [], "norm": [], "adamw": []}
 
@@ -42,19 +41,10 @@ def timed(key, fn):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("precision", choices=("bf16", "fp16"))
-    p.add_argument("--keep-gathered", action="store_true", help="reshard_after_forward=False for the offloaded blocks")
     p.add_argument("--model", default="vit-base")
     p.add_argument("-b", "--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     a = p.parse_args()
-    if a.keep_gathered:
-        apply = fsdp_mod.apply_fsdp
-
-        def gathered(model, mesh, **kw):
-            if kw.get("cpu_offload"):
-                kw["reshard_after_forward"] = False
-            return apply(model, mesh, **kw)
-        parallelize_mod.apply_fsdp = gathered
     engine_mod.Engine.forward_backward = timed("fwd_bwd", engine_mod.Engine.forward_backward)
     engine_mod.Engine.step = timed("step", engine_mod.Engine.step)
     clip_mod.grad_norm = timed("norm", clip_mod.grad_norm)
@@ -67,8 +57,7 @@ def main() -> None:
     def median_ms(v: list[float]) -> float | None:
         v = sorted(v[3:])  # the warm-up steps left out
         return round(v[len(v) // 2], 1) if v else None
-    print(json.dumps({"precision": a.precision, "keep_gathered": a.keep_gathered,
-                      **{f"{k}_ms": median_ms(v) for k, v in times.items()}}))
+    print(json.dumps({"precision": a.precision, **{f"{k}_ms": median_ms(v) for k, v in times.items()}}))
 
 
 if __name__ == "__main__":

@@ -55,10 +55,11 @@ def vit4_dir(tmp_path_factory) -> Path:
 
 
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """CLI args of a seconds-long CPU run."""
+    """CLI args of a seconds-long CPU run. Every epoch is checkpointed (--save_min_seconds 0), as a long run's
+    would be: the resume and fault tests read those checkpoints."""
     return ["train", "--model", "vit-micro", "--dataset", str(data), "--output", str(out), "--epochs", "2",
             "-b", "8", "--lr", "1e-3", "--warmup_ratio", "0.1", "--cache_dir", str(out.parent / "cache"),
-            "--log_every", "1", "--no-progress", *extra]
+            "--log_every", "1", "--no-progress", "--save_min_seconds", "0", *extra]
 
 
 def eval_rel(summary: dict, fp32: float) -> float:

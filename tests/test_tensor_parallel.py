@@ -22,6 +22,8 @@ from tests.distributed import run_distributed
 from vitboost.parallel.tensor import apply_tensor_parallel, find_blocks
 
 STEPS, BATCH, LR, MAX_NORM, RTOL = 5, 8, 1e-3, 0.5, 1e-5
+# parameters after 5 Adam steps: rounding drift reached 1.25e-5 on torch 2.11's sdpa (as test_strategies' RTOL)
+PARAM_RTOL = 2e-5
 
 
 def tiny_vit(attn: str = "sdpa", **overrides) -> ViTForImageClassification:
@@ -33,6 +35,12 @@ def tiny_vit(attn: str = "sdpa", **overrides) -> ViTForImageClassification:
     config._attn_implementation = attn
     torch.manual_seed(0)
     return ViTForImageClassification(config)
+
+
+def patch_linear(model: nn.Module) -> nn.Module:
+    from vitboost.model import linear_patch_embedding
+    linear_patch_embedding(model)
+    return model
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +137,11 @@ def _tp2_worker() -> dict:
         assert all(hasattr(p, "placements") for p in model.parameters()), "plain param left"
         if attn == "sdpa":
             res["comms"] = comm_counts(model)
+            proj = model.vit.embeddings.patch_embeddings.projection
+            x, y = batch(0)
+            F.cross_entropy(model(pixel_values=x).logits, y).backward()
+            res["patch"] = (type(proj).__name__, str(proj.weight.grad.placements))
+            model.zero_grad()
         res[attn] = train(model)
     for name, overrides in (("heads", dict(hidden_size=48, num_attention_heads=3)),
                             ("intermediate", dict(intermediate_size=127))):
@@ -162,7 +175,12 @@ def _dp2_tp2_worker() -> dict:
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    return {attn: train(tiny_vit(attn)) for attn in ("sdpa", "eager")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # like the ranks: the same reduction order on any machine
+    try:  # the patchify conv as the one matmul that apply_tensor_parallel makes of it
+        return {attn: train(patch_linear(tiny_vit(attn))) for attn in ("sdpa", "eager")}
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +189,7 @@ def tp2() -> list[dict]:
 
 
 def assert_matches(got: dict, ref: dict) -> None:
-    """Losses, grad norms and every full parameter agree within RTOL.
+    """Losses and grad norms agree within RTOL, every full parameter within PARAM_RTOL.
 
     Key biases get no true gradient (softmax ignores a constant per query): both
     runs only move them by Adam-amplified round-off, far below one real update
@@ -187,7 +205,7 @@ def assert_matches(got: dict, ref: dict) -> None:
             assert g.norm() < LR / 10, f"{name} moved without a gradient: |p| {g.norm():.3g}"
             continue
         err = (g - r).norm() / r.norm()
-        assert err <= RTOL, f"{name}: relative difference {err:.3g} > {RTOL}"
+        assert err <= PARAM_RTOL, f"{name}: relative difference {err:.3g} > {PARAM_RTOL}"
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -202,6 +220,12 @@ def test_tp2_training_matches_single_process(tp2, reference, attn):
 def test_dp2_tp2_fsdp_matches_single_process(reference):
     for rank_result in run_distributed(_dp2_tp2_worker, 4):
         assert_matches(rank_result, reference["sdpa"])
+
+
+def test_the_patchify_conv_becomes_one_matmul_whose_gradient_stays_replicated(tp2):
+    # torch 2.11's DTensor convolution backward returned the replicated conv weight's full gradient
+    # marked Partial: its norm counted twice per rank, and the clip and the losses drifted (1.2e-4 by step 3)
+    assert tp2[0]["patch"] == ("PatchLinear", "(Replicate(),)")
 
 
 def test_indivisible_sizes_raise_before_changing_the_model(tp2):

@@ -111,6 +111,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log_every", "--logging_steps", dest="log_every", type=int)
     g.add_argument("--save_every", "--save_steps", dest="save_every", type=int, help="checkpoint every N optimizer steps")
     g.add_argument("--save_epochs", type=int, help="checkpoint every N epochs (default 1)")
+    g.add_argument("--save_min_seconds", type=float,
+                   help="skip an epoch's checkpoint until this many seconds have passed since the last one "
+                        "(default 60: a short run writes only its last state; 0: every --save_epochs)")
     g.add_argument("--eval_every", type=int, help="validate every N epochs (0: only at the end)")
     g.add_argument("--eval_steps", type=int, help="also validate every N optimizer steps (HF Trainer's; 0: off); "
                    "a step that ends an epoch with a validation due is validated once")

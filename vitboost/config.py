@@ -92,6 +92,9 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 0  # also checkpoint every N optimizer steps
     save_epochs: int = 1  # checkpoint every N epochs (the last state is always saved)
+    # ...once at least this many seconds have passed since the last checkpoint (or the start): a short run
+    # writes only its last state (HF Trainer / torchtitan save every 500 steps); 0: every --save_epochs
+    save_min_seconds: float = 60.0
     keep_checkpoints: int = 2
     async_checkpoint: bool = True  # write checkpoints in a background thread while training goes on
     output: str = "runs/latest"
@@ -175,7 +178,7 @@ class TrainConfig:
         if self.lr_scheduler_type not in LR_SCHEDULES:
             raise ConfigError(f"unknown --lr_scheduler_type {self.lr_scheduler_type!r}; choose one of "
                               f"{', '.join(LR_SCHEDULES)}")
-        for name in ("max_steps", "save_every", "eval_every", "eval_steps", "keep_checkpoints"):
+        for name in ("max_steps", "save_every", "eval_every", "eval_steps", "keep_checkpoints", "save_min_seconds"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name} must be >= 0 (0: {_ZERO[name]}), got {getattr(self, name)}")
         if self.save_epochs < 1:
@@ -229,7 +232,7 @@ class TrainConfig:
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _ZERO = {"max_steps": "no limit", "save_every": "only at epoch ends", "eval_every": "only at the end",
-         "eval_steps": "off", "keep_checkpoints": "keep all"}
+         "eval_steps": "off", "keep_checkpoints": "keep all", "save_min_seconds": "every --save_epochs"}
 
 
 def check_patch_grid(image_size: int, patch_size: int) -> None:

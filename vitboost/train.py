@@ -307,7 +307,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     def checkpoint(wait: bool = True) -> None:
         """Save this step, once (an epoch end can also be a --save_every step). wait=False: an epoch end
         before the last, which _writer_busy may skip."""
-        if state.saved_step == step or (not wait and _writer_busy(cfg, step, say)):
+        if state.saved_step == step or (not wait and (pace.too_soon(say) or _writer_busy(cfg, step, say))):
             return
         state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
         layout = {"world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
@@ -315,8 +315,10 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
             save_checkpoint(ckpt_root, step, engine, {**state.state_dict(), **layout}, state.rng_state_dict(),
                             keep=cfg.keep_checkpoints, blocking=not cfg.async_checkpoint)
         state.saved_step = step
+        pace.saved()
 
     lap("resume")
+    pace = SavePace(cfg.save_min_seconds)  # --save_min_seconds, from here
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
     live = is_main and cfg.progress and sys.stdout.isatty()
     from tqdm.auto import tqdm
@@ -492,6 +494,34 @@ def _eval_batches(cfg: TrainConfig, splits: dict, dp: int, total_steps: int) -> 
     validations = (cfg.epochs // cfg.eval_every if cfg.eval_every else 1) + (
         total_steps // cfg.eval_steps if cfg.eval_steps else 0)
     return batches("validation") * max(1, validations) + batches("test")
+
+
+class SavePace:
+    """--save_min_seconds: an epoch's checkpoint is skipped while the last checkpoint (or the start of
+    training) is less than that many seconds ago. A fault then loses at most about that much, and a short
+    run does not wait on checkpoints nobody resumes from (0.7-0.9 s of a 3-epoch ViT-B run's ~9 s on a
+    GPU, BENCHMARKS.md section 28). Rank 0's clock decides, so every rank agrees."""
+
+    def __init__(self, min_seconds: float):
+        self.min_seconds, self.last, self.said = min_seconds, time.perf_counter(), False
+
+    def saved(self) -> None:
+        self.last = time.perf_counter()
+
+    def too_soon(self, say) -> bool:
+        """Collective (when on): whether to skip this epoch's checkpoint."""
+        if self.min_seconds <= 0:
+            return False
+        skip = time.perf_counter() - self.last < self.min_seconds
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flags: list[bool | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(flags, skip)
+            skip = bool(flags[0])
+        if skip and not self.said:
+            say(f"checkpoint: epochs less than {self.min_seconds:g} s after the last checkpoint are not saved "
+                "(--save_min_seconds; the run's last state always is)")
+            self.said = True
+        return skip
 
 
 def _writer_busy(cfg: TrainConfig, step: int, say) -> bool:

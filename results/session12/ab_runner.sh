@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# .dev/e2e.sh CODE_ROOT NAME : ViT-B 3 epochs from a neutral cwd with CODE_ROOT's vitboost; one JSON line
-REPO=$(cd "$(dirname "$0")/.." && pwd); code=$1 name=$2
+# results/session12/ab_runner.sh CODE_ROOT NAME : ViT-B 3 epochs from a neutral cwd with CODE_ROOT's vitboost; one JSON line
+REPO=$(cd "$(dirname "$0")/../.." && pwd); code=$1 name=$2
 mkdir -p /tmp/e2e/wd && cd /tmp/e2e/wd
 t0=$(date +%s.%N)
 PYTHONPATH=$code python -m vitboost train --dataset $REPO/data/beans --model vit-base --pretrained none -b 32 --epochs 3 \

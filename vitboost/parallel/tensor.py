@@ -25,6 +25,8 @@ from torch.distributed.tensor import DTensor, Replicate, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils._pytree import tree_map_only
 
+from ..model import linear_patch_embedding
+
 # Known block layouts (names relative to a ViTLayer), keyed by the attention module
 # that owns q/k/v. transformers 4.x, then 5.x (checked identical in 5.17 and 5.24).
 _LAYOUTS: tuple[dict[str, Any], ...] = (
@@ -139,6 +141,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     for (name, block), layout in zip(blocks, layouts):
         _check_divisible(name, block, layout, tp)
 
+    # the patchify conv as one matmul (vitboost's models have it already): torch 2.11's DTensor conv backward
+    # marks a replicated weight's gradient Partial while each rank holds the full sum, which doubled the
+    # gradient norm and skewed the clip (tests/test_tensor_parallel.py on torch 2.11; fixed by 2.13)
+    linear_patch_embedding(model)
     sharded: set[nn.Module] = set()
     for (_, block), layout in zip(blocks, layouts):
         plan = {n: ColwiseParallel() for n in layout["colwise"]}
