@@ -304,9 +304,11 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         cfg.report_to, out, data.label_names, step if resumed else None, say) if is_main else None)
     evals = Evaluations(engine, data, cfg, pre, dims, dp_rank, dp_group, log, history)
 
+    pace = SavePace(cfg.save_min_seconds)  # --save_min_seconds, from the start of training
+
     def checkpoint(wait: bool = True) -> None:
         """Save this step, once (an epoch end can also be a --save_every step). wait=False: an epoch end
-        before the last, which _writer_busy may skip."""
+        before the last, which the pace (--save_min_seconds) or _writer_busy may skip."""
         if state.saved_step == step or (not wait and (pace.too_soon(say) or _writer_busy(cfg, step, say))):
             return
         state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
@@ -318,7 +320,6 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
         pace.saved()
 
     lap("resume")
-    pace = SavePace(cfg.save_min_seconds)  # --save_min_seconds, from here
     # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
     live = is_main and cfg.progress and sys.stdout.isatty()
     from tqdm.auto import tqdm
@@ -514,9 +515,9 @@ class SavePace:
             return False
         skip = time.perf_counter() - self.last < self.min_seconds
         if dist.is_initialized() and dist.get_world_size() > 1:
-            flags: list[bool | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(flags, skip)
-            skip = bool(flags[0])
+            decision = [skip]
+            dist.broadcast_object_list(decision, src=0)
+            skip = decision[0]
         if skip and not self.said:
             say(f"checkpoint: epochs less than {self.min_seconds:g} s after the last checkpoint are not saved "
                 "(--save_min_seconds; the run's last state always is)")
