@@ -9,6 +9,7 @@ overlapping compute only as far as the host runs ahead). BENCHMARKS.md sections 
     python benchmarks/gemini_step.py bf16              # img/s as vitboost runs it
     python benchmarks/gemini_step.py bf16 --prefetch   # img/s with explicit forward prefetch
     python benchmarks/gemini_step.py fp16 --timers     # where the time goes
+    python benchmarks/gemini_step.py bf16 --compile auto   # each block compiled, as `vitboost train` picks
 
 Alternate the variants, several processes each: on one host the same code spanned 792-1,184 img/s
 from process to process (sections 27-28). One GPU already keeps the gathered params from forward to
@@ -51,6 +52,7 @@ def main() -> None:
     p.add_argument("precision", choices=("bf16", "fp16"))
     p.add_argument("--timers", action="store_true", help="time forward + backward, the norm and AdamW (syncs)")
     p.add_argument("--prefetch", action="store_true", help="each block's forward starts the next one's copy")
+    p.add_argument("--compile", default="false", help="vitboost's --compile (auto: what `vitboost train` picks)")
     p.add_argument("--model", default="vit-base")
     p.add_argument("-b", "--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=30)
@@ -73,7 +75,7 @@ def main() -> None:
         parallelize_mod.apply_fsdp = with_prefetch
     from vitboost.cli import main as cli
     cli(["bench", "--plugin", "gemini", "--model", a.model, "-b", str(a.batch_size), "--num_labels", "3",
-         "--steps", str(a.steps), "--warmup", "3", "--compile", "false", "--cuda_graph", "false",
+         "--steps", str(a.steps), "--warmup", "3", "--compile", a.compile, "--cuda_graph", "false",
          "--mixed_precision", a.precision])
 
     def median_ms(v: list[float]) -> float | None:

@@ -4,7 +4,9 @@ Gemini folds the clip factor (and fp16's loss-scale unscale and inf/nan skip) in
 CPU AdamW as ``grad_scale``/``found_inf``. It must give the parameters of the unfused reference
 (norm, clip multiply, AdamW) on one process, with clipping active and inactive; under a loss
 scale a step with an inf gradient on ONE rank is skipped on every rank and halves the scale,
-and ``growth_interval`` good steps double it (torch GradScaler's schedule).
+and ``growth_interval`` good steps double it (torch GradScaler's schedule). All of it holds with
+the norm read back over the offloaded gradients and with the norm summed as FSDP reduces them
+(``ReducedGradNorm``, what the Engine uses).
 """
 from __future__ import annotations
 
@@ -31,20 +33,25 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(BATCH, 16, generator=g), torch.randint(0, 4, (BATCH,), generator=g)) for _ in range(STEPS)]
 
 
-def _gemini_vs_reference(max_norm: float, loss_scale: bool, inf_step: int) -> dict:
+def _gemini_vs_reference(max_norm: float, loss_scale: bool, inf_step: int, norm_from: str) -> dict:
     """FSDP2 + CPU offload (as gemini) with fused_clip_step on this rank's half batch, and the
-    unfused single-process reference on the whole batch, side by side on every rank."""
+    unfused single-process reference on the whole batch, side by side on every rank. ``norm_from``:
+    "grads" (fused_clip_step reads the offloaded grads) or "reduce" (ReducedGradNorm)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    from vitboost.parallel.fsdp import ReducedGradNorm
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model, ref = _model(), _model()
     mesh = init_device_mesh("cpu", (world,))
-    kw = dict(mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    kw = dict(mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False),
+              mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))  # as apply_fsdp
     for layer in model[::2]:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
+    reduced = ReducedGradNorm(model, mesh) if norm_from == "reduce" else None
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, fused=True)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WD, foreach=False)
@@ -52,13 +59,16 @@ def _gemini_vs_reference(max_norm: float, loss_scale: bool, inf_step: int) -> di
     rec: dict = {"norms": [], "ref_norms": [], "scales": [], "skipped_equal": None}
     per = BATCH // world
     for step, (x, y) in enumerate(_batches()):
-        loss = F.cross_entropy(model(x[rank * per:(rank + 1) * per]), y[rank * per:(rank + 1) * per])
-        (ls.scale(loss) if ls is not None else loss).backward()
+        x_rank = x[rank * per:(rank + 1) * per].clone()
         if step == inf_step:
             before = [p.full_tensor().clone() for p in params]
-            if rank == 1:  # one rank only: every rank must still skip
-                params[2].grad.to_local().view(-1)[0] = float("inf")
-        norm = fused_clip_step(opt, params, max_norm, None, ls)
+            if rank == 1 and reduced is not None:  # the norm is summed in backward: the inf must come from it
+                x_rank[0, 0] = float("inf")
+        loss = F.cross_entropy(model(x_rank), y[rank * per:(rank + 1) * per])
+        (ls.scale(loss) if ls is not None else loss).backward()
+        if step == inf_step and rank == 1 and reduced is None:  # one rank only: every rank must still skip
+            params[2].grad.to_local().view(-1)[0] = float("inf")
+        norm = fused_clip_step(opt, params, max_norm, None, ls, norm=reduced.pop() if reduced else None)
         opt.zero_grad(set_to_none=True)
         if ls is not None:
             rec["scales"].append(ls.get_scale())
@@ -77,9 +87,13 @@ def _gemini_vs_reference(max_norm: float, loss_scale: bool, inf_step: int) -> di
     return rec
 
 
+NORM_FROM = pytest.mark.parametrize("norm_from", ["grads", "reduce"])
+
+
+@NORM_FROM
 @pytest.mark.parametrize("max_norm", [0.05, float("inf")], ids=["clip_active", "clip_inactive"])
-def test_gemini_fused_clip_step_matches_unfused_reference(max_norm):
-    for rec in run_distributed(_gemini_vs_reference, 2, max_norm, False, -1):
+def test_gemini_fused_clip_step_matches_unfused_reference(max_norm, norm_from):
+    for rec in run_distributed(_gemini_vs_reference, 2, max_norm, False, -1, norm_from):
         if max_norm < 1:
             assert min(rec["ref_norms"]) > max_norm, "clipping must be active"
         torch.testing.assert_close(rec["norms"], rec["ref_norms"], rtol=1e-5, atol=0)
@@ -87,8 +101,9 @@ def test_gemini_fused_clip_step_matches_unfused_reference(max_norm):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_gemini_loss_scale_skips_inf_step_on_every_rank_and_follows_gradscaler_schedule():
-    recs = run_distributed(_gemini_vs_reference, 2, 0.05, True, 1)
+@NORM_FROM
+def test_gemini_loss_scale_skips_inf_step_on_every_rank_and_follows_gradscaler_schedule(norm_from):
+    recs = run_distributed(_gemini_vs_reference, 2, 0.05, True, 1, norm_from)
     for rec in recs:
         assert rec["skipped_equal"], "a step with an inf grad (on one rank) must leave the params as they were"
         assert rec["inf_norm"] != rec["inf_norm"] or rec["inf_norm"] == float("inf")
@@ -153,16 +168,63 @@ def _engine_gemini_fp16() -> dict:
     norm = engine.train_step([(x, y)])[1]
     moved = not all(torch.equal(a, p.full_tensor()) for a, p in zip(start, params))
     after_good = [p.full_tensor().clone() for p in params]
-    engine.forward_backward(x, y)
-    params[0].grad.to_local().view(-1)[0] = float("nan")
+    engine.forward_backward(x * float("nan"), y)  # the norm is summed in backward (ReducedGradNorm)
     engine.step()
     kept = all(torch.equal(a, p.full_tensor()) for a, p in zip(after_good, params))
     return {"scaler": type(engine.scaler).__name__, "fused": engine.optimizer.defaults["fused"],
+            "reduced_norm": engine.reduced_norm is not None,
             "moved": moved, "kept": kept, "scale": engine.scaler.get_scale(), "norm": norm.item()}
 
 
 def test_engine_gemini_fp16_uses_the_fused_clip_step():
     rec, = run_distributed(_engine_gemini_fp16, 1)
-    assert rec["scaler"] == "LossScale" and rec["fused"]
+    assert rec["scaler"] == "LossScale" and rec["fused"] and rec["reduced_norm"]
     assert rec["moved"] and rec["kept"] and rec["scale"] == S / 2
     assert 0 < rec["norm"] < float("inf")
+
+
+def _gemini_norms(device: str = "cuda") -> list[tuple[float, float]]:
+    """(the Engine's norm, grad_norm over the offloaded grads) for three gemini bf16 steps: on CUDA
+    the norm is summed in the reduce stream and read after FSDP's end of backward."""
+    from vitboost.augment import soft_cross_entropy
+    from vitboost.config import TrainConfig
+    from vitboost.engine import Engine
+    from vitboost.model import build_model
+    from vitboost.parallel.dims import ParallelDims, init_distributed
+    from vitboost.parallel.plan import make_plan
+
+    init_distributed(device)
+    cfg = TrainConfig(model="vit-micro", pretrained="none", plugin="gemini", batch_size=8, mixed_precision="bf16",
+                      max_grad_norm=0.01)
+    dims = ParallelDims(1)
+    dims.build_mesh(device)
+    torch.manual_seed(0)
+    model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None,
+                           device=torch.device("cpu"))
+    engine = Engine(model, cfg, dims, make_plan(cfg, device, 1), torch.device(device), soft_cross_entropy)
+    assert engine.reduced_norm is not None
+    pairs = []
+    for _ in range(3):
+        x = torch.randn(8, 3, 32, 32, device=device)
+        y = torch.eye(3, device=device)[torch.randint(0, 3, (8,), device=device)]
+        engine.forward_backward(x, y)
+        want = grad_norm([p.grad for p in engine.params]).item()
+        pairs.append((engine.step().item(), want))
+    return pairs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gemini_norm_summed_on_the_gpu_matches_the_offloaded_grads():
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    code = "import json; from tests.test_clip import _gemini_norms as f; print(json.dumps(f()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    pairs = json.loads(out.stdout.strip().splitlines()[-1])
+    for got, want in pairs:
+        assert got > 0
+        assert got == pytest.approx(want, rel=1e-5)

@@ -101,6 +101,8 @@ CASES = {
     "pp2_dp2": (4, {"plugin": "hybrid_parallel", "pp_size": 2, "batch_size": 4}),
     "tp2_dp2": (4, {"plugin": "hybrid_parallel", "tp_size": 2, "batch_size": 4}),
     "grad_accum": (1, {"batch_size": 4, "grad_accum": 2}),
+    # gemini's norm is summed as FSDP reduces: once per step, after the last micro-batch
+    "gemini_grad_accum": (2, {"plugin": "gemini", "batch_size": 2, "grad_accum": 2}),
     "grad_checkpoint_fsdp": (2, {"plugin": "fsdp", "batch_size": 4, "grad_checkpoint": True}),
 }
 

@@ -25,6 +25,7 @@ from .config import ConfigError, TrainConfig
 from .parallel.dims import ParallelDims
 from .parallel.parallelize import parallelize
 from .parallel.clip import LossScale, clip_grad_norm_, fused_clip_step
+from .parallel.fsdp import ReducedGradNorm
 from .parallel.pipeline import PipelineRunner, split_model
 from .parallel.plan import Plan
 from .cuda_graph import GraphedStep
@@ -81,6 +82,9 @@ class Engine:
         # training forward: the whole module compiled; eval keeps the eager module
         self._forward = torch.compile(self.model) if plan.compile == "model" else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # gemini over data parallel alone: the gradient norm summed on the GPU in the backward, not over CPU grads
+        self.reduced_norm = (ReducedGradNorm(self.model, mesh["dp"])
+                             if plan.cpu_offload and not dims.tp_enabled and not dims.pp_enabled else None)
         trainable = [(n, p) for n, p in _unwrap(self.model).named_parameters() if p.requires_grad]
         self.ema = EMA(trainable, cfg.ema) if cfg.ema > 0 else None
         self.best = BestWeights(trainable, cfg.metric_for_best_model) if cfg.load_best_model_at_end else None
@@ -194,7 +198,8 @@ class Engine:
         if self.plan.cpu_offload:
             # gemini: the clip factor (and fp16's unscale and inf/nan skip) rides in the fused CPU AdamW:
             # one pass over the offloaded grads instead of two or three (README, benchmarks/cpu_step.py)
-            norm = fused_clip_step(self.optimizer, self.params, max_norm, self.pp_group, self.scaler)
+            norm = fused_clip_step(self.optimizer, self.params, max_norm, self.pp_group, self.scaler,
+                                   norm=self.reduced_norm.pop() if self.reduced_norm is not None else None)
         elif self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
             norm = clip_grad_norm_(self.params, max_norm, self.pp_group)

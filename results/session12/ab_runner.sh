@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# results/session12/ab_runner.sh CODE_ROOT NAME : ViT-B 3 epochs from a neutral cwd with CODE_ROOT's vitboost; one JSON line
-REPO=$(cd "$(dirname "$0")/../.." && pwd); code=$1 name=$2
+# results/session12/ab_runner.sh CODE_ROOT NAME [train flags...] : ViT-B 3 epochs from a neutral cwd with CODE_ROOT's
+# vitboost (and any extra flags); one JSON line
+REPO=$(cd "$(dirname "$0")/../.." && pwd); code=$1 name=$2; shift 2
 mkdir -p /tmp/e2e/wd && cd /tmp/e2e/wd
 t0=$(date +%s.%N)
 PYTHONPATH=$code python -m vitboost train --dataset $REPO/data/beans --model vit-base --pretrained none -b 32 --epochs 3 \
-  --cache_dir /tmp/e2e/cache --no-progress --output /tmp/e2e/$name --overwrite > /tmp/e2e/$name.log 2>&1
+  --cache_dir /tmp/e2e/cache --no-progress --output /tmp/e2e/$name --overwrite "$@" > /tmp/e2e/$name.log 2>&1
 rc=$?; t1=$(date +%s.%N)
 python - /tmp/e2e/$name $t0 $t1 $rc <<'PY'
 import json, sys

@@ -165,18 +165,20 @@ class LossScale:
 
 def fused_clip_step(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], max_norm: float,
                     pp_group: DeviceMesh | dist.ProcessGroup | None = None,
-                    loss_scale: LossScale | None = None) -> Tensor:
+                    loss_scale: LossScale | None = None, norm: Tensor | None = None) -> Tensor:
     """Norm, clip, unscale, inf/nan skip and the optimizer step in one pass over the gradients.
 
     ``optimizer`` must be a fused Adam/AdamW (it reads ``grad_scale``/``found_inf``: it divides
     every gradient by ``grad_scale`` and skips the whole step when ``found_inf`` is 1). With
     c = min(1, max_norm / (norm + 1e-6)) and loss scale S (1 without one), grad_scale = S / c.
+    ``norm``: the global norm of these (scaled) gradients when already known, on their device
+    (``ReducedGradNorm``: gemini sums it on the GPU during the backward); else it is computed here.
     Returns the global norm of the unscaled gradients, as ``clip_grad_norm_`` would.
     """
     if not optimizer.defaults.get("fused"):
         raise ValueError("fused_clip_step needs an optimizer built with fused=True")
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = grad_norm(grads, pp_group)  # of the scaled gradients under fp16
+    if norm is None:
+        norm = grad_norm([p.grad for p in params if p.grad is not None], pp_group)  # scaled under fp16
     device = norm.device
     if loss_scale is not None:
         scale = loss_scale._scale.to(device)
