@@ -1,10 +1,12 @@
 """Gemini's step on this host: `vitboost bench --plugin gemini` at ViT-B b128 (issue 10's row).
 --timers splits it: forward + backward (FSDP2 streaming the blocks in and the gradients out) against
-the CPU step (the gradient norm, then fused AdamW), with a device sync around each part; those syncs
+the CPU step (fused AdamW; the gradient norm too before section 29 summed it on the GPU, where
+--timers' norm is empty), with a device sync around each part; those syncs
 stop the host from running ahead of the GPU, so a --timers run's img/s is not the step's.
 --prefetch: each block's pre-forward also starts the next block's host-to-device copy
 (FSDP2's set_modules_to_forward_prefetch; by default a copy starts only at its own block's pre-forward,
-overlapping compute only as far as the host runs ahead). BENCHMARKS.md sections 27-28.
+overlapping compute only as far as the host runs ahead): measured, no gain (section 29).
+BENCHMARKS.md sections 27-29.
 
     python benchmarks/gemini_step.py bf16              # img/s as vitboost runs it
     python benchmarks/gemini_step.py bf16 --prefetch   # img/s with explicit forward prefetch
@@ -12,7 +14,7 @@ overlapping compute only as far as the host runs ahead). BENCHMARKS.md sections 
     python benchmarks/gemini_step.py bf16 --compile auto   # each block compiled, as `vitboost train` picks
 
 Alternate the variants, several processes each: on one host the same code spanned 792-1,184 img/s
-from process to process (sections 27-28). One GPU already keeps the gathered params from forward to
+from process to process (sections 27-29). One GPU already keeps the gathered params from forward to
 backward (parallel/plan.py).
 """
 from __future__ import annotations

@@ -29,6 +29,7 @@ from tests.distributed import free_port
 from tests.test_cli_errors import fails_with
 from tests.test_launch import torchrun, train_flags
 from tests.test_strategies import assert_params_close
+from vitboost.checkpoint import WRITE_THREADS
 from vitboost.cli import main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -82,9 +83,12 @@ def _truncate(f: Path) -> None:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
+LAST_SHARD = f"__0_{WRITE_THREADS - 1}.distcp"
 DAMAGE = {  # what is done to the newest checkpoint, what the skip line says, whether export reads it
     "shard missing": (lambda c: (c / "__0_0.distcp").unlink(), "shard __0_0.distcp is missing", True),
     "shard truncated": (lambda c: _truncate(c / "__0_0.distcp"), "shard __0_0.distcp is truncated", True),
+    # a rank's shard is written as several files (checkpoint.WRITE_THREADS): the last one is checked too
+    "last shard file missing": (lambda c: (c / LAST_SHARD).unlink(), f"shard {LAST_SHARD} is missing", True),
     "metadata empty": (lambda c: (c / ".metadata").write_bytes(b""), ".metadata is empty", True),
     "metadata truncated": (lambda c: _truncate(c / ".metadata"), ".metadata is truncated", True),
     "trainer.pt truncated": (lambda c: _truncate(c / "trainer.pt"), "trainer.pt is truncated", False),
