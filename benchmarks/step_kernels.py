@@ -11,7 +11,7 @@ and the 45 costliest kernels. BACKEND other than default restricts SDPA's backen
 compiles; Inductor's FX-graph cache ignores that setting, so give each backend its own
 TORCHINDUCTOR_CACHE_DIR (BENCHMARKS.md section 23).
 """
-import sys, time, json
+import sys, json
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -145,7 +145,6 @@ def test_an_eager_evaluation_adds_no_compiled_graph(monkeypatch, compile_eval, g
 def test_the_block_compiles_beside_the_teacher_only_in_one_unwrapped_module_on_one_gpu():
     from types import SimpleNamespace
     from vitboost.compile_ahead import applies
-    from vitboost.parallel.dims import ParallelDims
 
     def case(device="cuda", world=1, distill="hard", **cfg):
         config = TrainConfig(distillation_type=distill, **cfg)
