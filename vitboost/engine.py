@@ -84,7 +84,8 @@ class Engine:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # gemini over data parallel alone: the gradient norm summed on the GPU in the backward, not over CPU grads
         self.reduced_norm = (ReducedGradNorm(self.model, mesh["dp"])
-                             if plan.cpu_offload and not dims.tp_enabled and not dims.pp_enabled else None)
+                             if plan.cpu_offload and not dims.tp_enabled and not dims.pp_enabled
+                             and ReducedGradNorm.available() else None)
         trainable = [(n, p) for n, p in _unwrap(self.model).named_parameters() if p.requires_grad]
         self.ema = EMA(trainable, cfg.ema) if cfg.ema > 0 else None
         self.best = BestWeights(trainable, cfg.metric_for_best_model) if cfg.load_best_model_at_end else None

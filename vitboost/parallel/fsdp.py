@@ -45,6 +45,11 @@ class ReducedGradNorm:
     FSDP over data parallel alone: a TP shard or a pipeline stage would need its own reduction.
     """
 
+    @staticmethod
+    def available() -> bool:
+        """FSDP2's all-reduce hook arrived in torch 2.7; on 2.6 gemini reads the norm over the CPU grads."""
+        return hasattr(FSDPModule, "set_all_reduce_hook")
+
     def __init__(self, model: nn.Module, dp_mesh: DeviceMesh):
         self._group = dp_mesh.get_group() if dp_mesh.size() > 1 else None
         self._squares: Tensor | None = None
