@@ -142,26 +142,35 @@ def test_grad_norm_and_clip_match_torch_on_plain_tensors(norm_type):
     assert grad_norm([]).item() == 0.0
 
 
-def _engine_gemini_fp16() -> dict:
-    """The Engine wiring: gemini + fp16 gets a LossScale and a fused AdamW; an inf grad skips the step."""
+def _gemini_engine(device: str, mixed_precision: str, batch_size: int, precision: str | None = None):
+    """A vit-micro Engine under gemini on one rank (max_grad_norm 0.01: the clip is active).
+    ``precision`` overrides the plan's, past the CLI's checks (fp16 on the CPU)."""
     import dataclasses
 
     from vitboost.augment import soft_cross_entropy
     from vitboost.config import TrainConfig
     from vitboost.engine import Engine
     from vitboost.model import build_model
-    from vitboost.parallel.dims import ParallelDims
+    from vitboost.parallel.dims import ParallelDims, init_distributed
     from vitboost.parallel.plan import make_plan
 
-    cfg = TrainConfig(model="vit-micro", pretrained="none", plugin="gemini", batch_size=4, mixed_precision="fp32",
-                      max_grad_norm=0.01)
+    init_distributed(device)  # a no-op under run_distributed's gloo group
+    cfg = TrainConfig(model="vit-micro", pretrained="none", plugin="gemini", batch_size=batch_size,
+                      mixed_precision=mixed_precision, max_grad_norm=0.01)
     dims = ParallelDims(1)
-    dims.build_mesh("cpu")
+    dims.build_mesh(device)
     torch.manual_seed(0)
     model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None,
                            device=torch.device("cpu"))
-    plan = dataclasses.replace(make_plan(cfg, "cpu", 1), precision="fp16")  # fp16 on CPU: past the CLI's check
-    engine = Engine(model, cfg, dims, plan, torch.device("cpu"), soft_cross_entropy)
+    plan = make_plan(cfg, device, 1)
+    if precision is not None:
+        plan = dataclasses.replace(plan, precision=precision)
+    return Engine(model, cfg, dims, plan, torch.device(device), soft_cross_entropy)
+
+
+def _engine_gemini_fp16() -> dict:
+    """The Engine wiring: gemini + fp16 gets a LossScale and a fused AdamW; an inf grad skips the step."""
+    engine = _gemini_engine("cpu", "fp32", 4, precision="fp16")
     x, y = torch.randn(4, 3, 32, 32), torch.eye(3)[torch.tensor([0, 1, 2, 0])]
     params = engine.params
     start = [p.full_tensor().clone() for p in params]
@@ -186,22 +195,7 @@ def test_engine_gemini_fp16_uses_the_fused_clip_step():
 def _gemini_norms(device: str = "cuda") -> list[tuple[float, float]]:
     """(the Engine's norm, grad_norm over the offloaded grads) for three gemini bf16 steps: on CUDA
     the norm is summed in the reduce stream and read after FSDP's end of backward."""
-    from vitboost.augment import soft_cross_entropy
-    from vitboost.config import TrainConfig
-    from vitboost.engine import Engine
-    from vitboost.model import build_model
-    from vitboost.parallel.dims import ParallelDims, init_distributed
-    from vitboost.parallel.plan import make_plan
-
-    init_distributed(device)
-    cfg = TrainConfig(model="vit-micro", pretrained="none", plugin="gemini", batch_size=8, mixed_precision="bf16",
-                      max_grad_norm=0.01)
-    dims = ParallelDims(1)
-    dims.build_mesh(device)
-    torch.manual_seed(0)
-    model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None,
-                           device=torch.device("cpu"))
-    engine = Engine(model, cfg, dims, make_plan(cfg, device, 1), torch.device(device), soft_cross_entropy)
+    engine = _gemini_engine(device, "bf16", 8)
     assert engine.reduced_norm is not None
     pairs = []
     for _ in range(3):
