@@ -41,11 +41,15 @@ def resident(files: list[Path]) -> list[tuple[int, int, str]]:
     return rows
 
 
-def main(label: str = "") -> None:
-    torch_dir = Path(importlib.util.find_spec("torch").origin).parent  # torch is not imported
+def library_files() -> list[Path]:
+    """torch's and NVIDIA's shared libraries (torch is not imported)."""
+    torch_dir = Path(importlib.util.find_spec("torch").origin).parent
     files = list((torch_dir / "lib").glob("*.so*"))
-    files += [Path(p) for p in glob.glob(str(torch_dir.parent / "nvidia" / "*" / "lib" / "*.so*"))]
-    rows = sorted(resident(files), reverse=True)
+    return files + [Path(p) for p in glob.glob(str(torch_dir.parent / "nvidia" / "*" / "lib" / "*.so*"))]
+
+
+def main(label: str = "") -> None:
+    rows = sorted(resident(library_files()), reverse=True)
     total, cached = sum(r[0] for r in rows), sum(r[1] for r in rows)
     print(f"PAGECACHE {label}: {cached / 1e9:.2f} of {total / 1e9:.2f} GB resident; "
           + ", ".join(f"{n} {r / 1e6:.0f}/{s / 1e6:.0f}MB" for s, r, n in rows[:6]), flush=True)

@@ -192,11 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace, launched: float) -> int:
+def _train(args: argparse.Namespace, launched: float, marks: dict[str, float]) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     cfg = make_config(overrides, args.config)
     from .train import run
-    run(cfg, launched)
+    run(cfg, launched, marks)
     return 0
 
 
@@ -210,6 +210,23 @@ def process_start() -> float:
     except (OSError, ValueError, IndexError, AttributeError):
         return IMPORTED
     return time.perf_counter() - age if age >= 0 else IMPORTED
+
+
+def uncached_bytecode() -> str | None:
+    """A note when this process compiled torch's Python to bytecode and will again next time: Python is told
+    not to write bytecode (PYTHONDONTWRITEBYTECODE, set in many container images) and none is cached. That
+    costs every launch ~9 s on an H200 host (12.9 s against 4.3 s, BENCHMARKS.md section 30); pip writes
+    the bytecode at install, so only such environments pay it. None otherwise, or if torch is not loaded."""
+    import importlib.util
+    tensor = sys.modules.get("torch._tensor")
+    if not sys.dont_write_bytecode or tensor is None or not getattr(tensor, "__file__", "").endswith(".py"):
+        return None
+    if Path(importlib.util.cache_from_source(tensor.__file__)).exists():
+        return None
+    return ("launch: Python compiled torch's and transformers' bytecode in this process and will in every run "
+            "(PYTHONDONTWRITEBYTECODE is set and no bytecode is cached), ~9 s of each launch on a GPU host; "
+            "to keep it, set PYTHONPYCACHEPREFIX=~/.cache/pycache and unset PYTHONDONTWRITEBYTECODE, or run "
+            "`python -m compileall -q` once on the site-packages folder")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -255,16 +272,18 @@ def _may_use_gpu(args: argparse.Namespace) -> bool:
     return device != "cpu"
 
 
-def _start_cuda() -> threading.Thread:
+def _start_cuda(marks: dict[str, float]) -> threading.Thread:
     """Start CUDA (driver and this rank's context, ~0.4 s) in a thread while transformers is imported
     (3-4 s of Python that does not wait for it): 0.3-0.5 s off a GPU run's launch (BENCHMARKS.md
-    section 22). Any failure is left to the main thread, which starts CUDA itself and says what is wrong."""
+    section 22). Any failure is left to the main thread, which starts CUDA itself and says what is wrong.
+    marks["cuda_ready"]: when the context was up (summary.json's launch_marks_s)."""
     def start() -> None:
         try:
             import torch
             if torch.cuda.is_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # the rank's own GPU, not GPU 0
                 torch.empty(1, device="cuda")
+                marks["cuda_ready"] = time.perf_counter()
         except Exception:  # noqa: BLE001 (reported by the main thread's own start)
             pass
     thread = threading.Thread(target=start, name="vitboost-cuda-start", daemon=True)
@@ -297,6 +316,10 @@ def _leave(code: int) -> NoReturn:
 
 def _main(argv: list[str] | None) -> int:
     launched = process_start() if argv is None else time.perf_counter()
+    marks = {"cli_started": time.perf_counter()}  # the launch phase's parts, for summary.json
+    if argv is None:
+        from . import IMPORTED
+        marks["vitboost_imported"] = IMPORTED
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = build_parser().parse_args(argv)
@@ -310,16 +333,20 @@ def _main(argv: list[str] | None) -> int:
     handlers = {"eval": _eval, "predict": _predict, "export": _export}
     if argv is None and args.command in ("train", "eval", "predict", "export"):
         from .model import import_transformers_lean
-        cuda = _start_cuda() if args.command == "train" and _may_use_gpu(args) else None
+        cuda = _start_cuda(marks) if args.command == "train" and _may_use_gpu(args) else None
         import_transformers_lean()  # this process runs vitboost alone: skip transformers' unused extras
+        marks["transformers_imported"] = time.perf_counter()
         if cuda is not None:
             cuda.join()
+        note = uncached_bytecode()
+        if note and os.environ.get("RANK", "0") == "0":
+            print(note, file=sys.stderr, flush=True)
     try:
         if args.command == "bench":
             from .bench import run_bench
             return run_bench(args)
         if args.command == "train":
-            return _train(args, launched)
+            return _train(args, launched, marks)
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, LayoutError, CheckpointError, WriteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -145,12 +145,15 @@ class RunClock:
     """Where a run's time goes, for summary.json: ``phases`` (timings_s), seconds per phase from the
     process's start (launched, on time.perf_counter's clock); ``inside_train`` (train_breakdown_s), the
     train phase's seconds spent in epoch-end validations and checkpoints, each timed from a device sync
-    so queued steps are not counted (train_breakdown() adds the rest as steps)."""
+    so queued steps are not counted (train_breakdown() adds the rest as steps); ``launch_marks``
+    (launch_marks_s), when the CLI's steps inside the launch ended, in seconds from the process's start
+    (a machine's first run spends its launch there: disk reads, bytecode, the driver)."""
 
-    def __init__(self, launched: float | None):
+    def __init__(self, launched: float | None, marks: dict[str, float] | None = None):
         self.last = time.perf_counter()
         self.launched = self.last if launched is None else launched
         self.phases = {"launch": round(self.last - self.launched, 3)}
+        self.launch_marks = {k: round(t - self.launched, 3) for k, t in sorted((marks or {}).items(), key=lambda m: m[1])}
         self.inside_train = {"validation": 0.0, "checkpoints": 0.0}
         self.device: torch.device | None = None
 
@@ -245,9 +248,10 @@ class Evaluations:
         return results
 
 
-def train(cfg: TrainConfig, launched: float | None = None) -> dict:
-    """launched: when the process started (time.perf_counter's clock), for the ``launch`` phase."""
-    clock = RunClock(launched)
+def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[str, float] | None = None) -> dict:
+    """launched: when the process started (time.perf_counter's clock), for the ``launch`` phase;
+    launch_marks: when the CLI's steps inside it ended, on the same clock."""
+    clock = RunClock(launched, launch_marks)
     lap = clock.lap
     rank, local_rank, world = world_info()
     device = clock.device = pick_device(cfg.device, local_rank)
@@ -392,6 +396,7 @@ def train(cfg: TrainConfig, launched: float | None = None) -> dict:
     export_error = _export(cfg, engine, out, ckpt_root / f"step_{step:08d}", say) if cfg.export and is_main else None
     lap("export")
     summary["timings_s"], summary["train_breakdown_s"] = clock.phases, clock.train_breakdown()
+    summary["launch_marks_s"] = clock.launch_marks
     summary["seconds_to_accuracy"], summary["total_seconds"] = to_accuracy, round(time.perf_counter() - clock.launched, 2)
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -616,10 +621,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def run(cfg: TrainConfig, launched: float | None = None) -> dict:
+def run(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[str, float] | None = None) -> dict:
     """Entry point used by the CLI: tear the process group down whatever happens."""
     try:
-        return train(cfg, launched)
+        return train(cfg, launched, launch_marks)
     finally:
         restore_signals()
         close_checkpoints()
