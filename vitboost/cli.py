@@ -218,10 +218,10 @@ def uncached_bytecode() -> str | None:
     costs every launch ~9 s on an H200 host (12.9 s against 4.3 s, BENCHMARKS.md section 30); pip writes
     the bytecode at install, so only such environments pay it. None otherwise, or if torch is not loaded."""
     import importlib.util
-    tensor = sys.modules.get("torch._tensor")
-    if not sys.dont_write_bytecode or tensor is None or not getattr(tensor, "__file__", "").endswith(".py"):
+    source = getattr(sys.modules.get("torch._tensor"), "__file__", None) or ""
+    if not sys.dont_write_bytecode or not source.endswith(".py"):
         return None
-    if Path(importlib.util.cache_from_source(tensor.__file__)).exists():
+    if Path(importlib.util.cache_from_source(source)).exists():
         return None
     return ("launch: Python compiled torch's and transformers' bytecode in this process and will in every run "
             "(PYTHONDONTWRITEBYTECODE is set and no bytecode is cached), ~9 s of each launch on a GPU host; "
@@ -327,7 +327,7 @@ def _main(argv: list[str] | None) -> int:
         return e.code if isinstance(e.code, int) else 2
     from .data import DataError
     from .model import ModelError
-    from .parallel.dims import LayoutError
+    from .parallel.dims import LayoutError, world_info
     from .preempt import Preempted
     from .storage import CheckpointError, WriteError, describe_os_error
     handlers = {"eval": _eval, "predict": _predict, "export": _export}
@@ -339,7 +339,7 @@ def _main(argv: list[str] | None) -> int:
         if cuda is not None:
             cuda.join()
         note = uncached_bytecode()
-        if note and os.environ.get("RANK", "0") == "0":
+        if note and world_info()[0] == 0:
             print(note, file=sys.stderr, flush=True)
     try:
         if args.command == "bench":
