@@ -214,9 +214,10 @@ def process_start() -> float:
 
 def uncached_bytecode() -> str | None:
     """A note when this process compiled torch's Python to bytecode and will again next time: Python is told
-    not to write bytecode (PYTHONDONTWRITEBYTECODE, set in many container images) and none is cached. That
-    costs every launch ~9 s on an H200 host (12.9 s against 4.3 s, BENCHMARKS.md section 30); pip writes
-    the bytecode at install, so only such environments pay it. None otherwise, or if torch is not loaded."""
+    not to write bytecode (PYTHONDONTWRITEBYTECODE, set in many container images), none is cached, and
+    vitboost could not keep it in its own cache (bytecode.py: VITBOOST_BYTECODE=off, a folder it cannot
+    write, or the user's own PYTHONPYCACHEPREFIX). That costs every launch ~9 s on an H200 host (12.9 s
+    against 4.3 s, BENCHMARKS.md section 30). None otherwise, or if torch is not loaded."""
     import importlib.util
     source = getattr(sys.modules.get("torch._tensor"), "__file__", None) or ""
     if not sys.dont_write_bytecode or not source.endswith(".py"):
@@ -224,9 +225,9 @@ def uncached_bytecode() -> str | None:
     if Path(importlib.util.cache_from_source(source)).exists():
         return None
     return ("launch: Python compiled torch's and transformers' bytecode in this process and will in every run "
-            "(PYTHONDONTWRITEBYTECODE is set and no bytecode is cached), ~9 s of each launch on a GPU host; "
-            "to keep it, set PYTHONPYCACHEPREFIX=~/.cache/pycache and unset PYTHONDONTWRITEBYTECODE, or run "
-            "`python -m compileall -q` once on the site-packages folder")
+            "(PYTHONDONTWRITEBYTECODE is set, no bytecode is cached, and VITBOOST_BYTECODE is off or its folder "
+            "cannot be written), ~9 s of each launch on a GPU host; to keep it, unset VITBOOST_BYTECODE or point "
+            "it at a writable folder, or run `python -m compileall -q` once on the site-packages folder")
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -319,7 +320,11 @@ def _main(argv: list[str] | None) -> int:
     marks = {"cli_started": time.perf_counter()}  # the launch phase's parts, for summary.json
     if argv is None:
         from . import IMPORTED
+        from .bytecode import keep_bytecode
         marks["vitboost_imported"] = IMPORTED
+        # where an image forbids Python to write bytecode (bytecode.py); before anything loads torch (the
+        # parser does, for bench's flags)
+        keep_bytecode(compile_ahead=os.environ.get("LOCAL_RANK", "0") == "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = build_parser().parse_args(argv)
