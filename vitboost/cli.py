@@ -225,9 +225,10 @@ def uncached_bytecode() -> str | None:
     if Path(importlib.util.cache_from_source(source)).exists():
         return None
     return ("launch: Python compiled torch's and transformers' bytecode in this process and will in every run "
-            "(PYTHONDONTWRITEBYTECODE is set, no bytecode is cached, and VITBOOST_BYTECODE is off or its folder "
-            "cannot be written), ~9 s of each launch on a GPU host; to keep it, unset VITBOOST_BYTECODE or point "
-            "it at a writable folder, or run `python -m compileall -q` once on the site-packages folder")
+            "(PYTHONDONTWRITEBYTECODE is set, none is cached where Python looks, and vitboost could not keep it: "
+            "VITBOOST_BYTECODE=off, a folder it cannot write, or a PYTHONPYCACHEPREFIX of your own), ~9 s of each "
+            "launch on a GPU host; to keep it, unset PYTHONDONTWRITEBYTECODE, let VITBOOST_BYTECODE name a "
+            "writable folder, or run `python -m compileall -q` once on the site-packages folder")
 
 
 def _eval(args: argparse.Namespace) -> int:
