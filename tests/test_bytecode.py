@@ -65,7 +65,7 @@ def test_a_later_launch_or_another_rank_compiles_nothing_ahead(pkg, forbidden, t
 
 
 @pytest.mark.parametrize("case", ["python may write it", "the user's own prefix", "installed with bytecode", "off",
-                                  "folder not writable"])
+                                  "folder not writable", "no home folder"])
 def test_python_stays_as_it_was_told_where_vitboost_has_no_business_or_no_place(pkg, forbidden, tmp_path,
                                                                                   monkeypatch, case):
     told = {"python may write it": (False, None), "the user's own prefix": (True, str(tmp_path / "theirs"))}
@@ -79,6 +79,10 @@ def test_python_stays_as_it_was_told_where_vitboost_has_no_business_or_no_place(
     if case == "folder not writable":
         (tmp_path / "a_file").write_text("")
         monkeypatch.setenv("VITBOOST_BYTECODE", str(tmp_path / "a_file" / "cache"))
+    if case == "no home folder":
+        monkeypatch.delenv("VITBOOST_BYTECODE")
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # ~ stays ~: a user with no home
     assert keep_bytecode(manifest=tmp_path / "modules.txt") == []
     assert (sys.dont_write_bytecode, sys.pycache_prefix) == (dont_write, prefix)
     assert "PYTHONPYCACHEPREFIX" not in os.environ and not forbidden.exists()

@@ -61,9 +61,12 @@ def cache_folder() -> Path | None:
         return None
     if _has_bytecode(PROBE):  # beside its sources: a pycache_prefix would hide it
         return None
-    if setting:
-        return Path(setting).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "vitboost" / "bytecode"
+    try:
+        if setting:
+            return Path(setting).expanduser()
+        return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "vitboost" / "bytecode"
+    except RuntimeError:  # no home folder to expand ~ in: Python compiles in memory as it was told
+        return None
 
 
 def keep_bytecode(compile_ahead: bool = True, manifest: Path = MANIFEST) -> list[subprocess.Popen]:
