@@ -35,6 +35,17 @@ def test_a_misspelt_flag_or_value_is_one_line_naming_it_and_the_help(capsys, arg
     assert "usage:" not in err
 
 
+def test_help_and_a_misspelt_flag_answer_without_loading_torch():
+    # 3-4 s of imports on 2 cores (10+ s where Python may not write bytecode) for a line of text
+    import subprocess
+    import sys
+    code = ("import sys\nfrom vitboost.cli import main\n"
+            "codes = [main(['--help']), main(['train', '--no_such_flag']), main(['bench', '--help'])]\n"
+            "print(codes, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip().splitlines()[-1] == "[0, 2, 0] False", run.stderr
+
+
 def test_missing_dataset_folder(capsys, tmp_path):
     fails_with(capsys, train_args(tmp_path / "nope", tmp_path / "run"), "does not exist")
     assert not (tmp_path / "run").exists()

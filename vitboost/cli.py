@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from .config import COMPILE_MODES, LR_SCHEDULES, PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError, make_config
+from .config import (COMPILE_MODES, DEFAULT_PEAK_TFLOPS, LR_SCHEDULES, PLUGINS, PP_SCHEDULES, PRECISIONS, ConfigError,
+                     make_config)
 
 BOOL = argparse.BooleanOptionalAction
 
@@ -161,6 +162,43 @@ class _Parser(argparse.ArgumentParser):
         return token
 
 
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    """Same spellings as `vitboost train` for everything that shapes the training step (bench.py runs it)."""
+    a = p.add_argument
+    a("--model", default="vit-base", help="named config (vit-micro ... vit-giant), HF folder or hub id; "
+                                          "always random init (weights do not change the speed)")
+    a("--image_size", type=int)
+    a("--patch_size", type=int)
+    a("--num_labels", type=int, default=1000, help="classifier width (ImageNet-1k by default)")
+    a("-b", "--batch_size", type=int, help="per data-parallel rank (default: train's 16)")
+    a("--plugin", choices=PLUGINS)
+    a("--zero_stage", type=int, choices=(1, 2))
+    a("--tp_size", type=int)
+    a("--pp_size", type=int)
+    a("--microbatch_size", type=int)
+    a("--pp_schedule", choices=PP_SCHEDULES)
+    a("--mixed_precision", choices=PRECISIONS)
+    a("--compile", nargs="?", const="true", choices=COMPILE_MODES,
+      help="torch.compile (default auto: on, as for a long training run)")
+    a("--grad_checkpoint", action=BOOL, default=None)
+    a("--device", choices=("auto", "cuda", "cpu"))
+    a("--seed", type=int)
+    a("--lora_rank", type=int, help="LoRA adapters of this rank through peft (0: full fine-tuning)")
+    a("--lora_alpha", type=float)
+    a("--lora_targets", help="comma-separated module names (default: the attention and MLP linears)")
+    a("--steps", type=int, default=20, help="timed steps")
+    a("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator, NCCL setup)")
+    a("--peers", nargs="*", metavar="PEER", help="also time what users try instead (single process only): "
+      "hf_eager, hf_compile, timm_compile, timm_cudagraph; no names: all of them")
+    a("--cuda_graph", choices=("auto", "true", "false"), help="the whole step as one CUDA graph (default auto)")
+    a("--no-compile", dest="compile", action="store_const", const="false", help=argparse.SUPPRESS)
+    a("--tf32", action=BOOL, default=None, help="fp32 matmuls on TF32 tensor cores (default on)")
+    a("--peak_tflops", type=float, help=f"peak FLOP/s per device for MFU (default {DEFAULT_PEAK_TFLOPS:g} "
+                                        "on CUDA: H100/H200 bf16 dense; none on CPU, so mfu is null)")
+    a("--json", help="write the rows as a JSON list to this file")
+    a("--csv", help="append the rows to this CSV file (header written when new)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vitboost", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,8 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--adapter", help="a LoRA run: also write the adapter alone (peft format) to this folder")
 
-    from .bench import add_bench_args
-    add_bench_args(sub.add_parser("bench", help="throughput / memory / MFU on synthetic data"))
+    _add_bench_args(sub.add_parser("bench", help="throughput / memory / MFU on synthetic data"))
     return parser
 
 

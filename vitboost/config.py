@@ -21,6 +21,7 @@ AUTO_MODES = ("auto", "true", "false")  # --compile / --cuda_graph: auto picks w
 # --compile true = blocks: each block compiled, one graph they all share; model: the whole model as one
 # graph (one module only; 4% faster on vit-tiny, 4-8x the compile time: BENCHMARKS.md section 21)
 COMPILE_MODES = (*AUTO_MODES, "model", "blocks")
+DEFAULT_PEAK_TFLOPS = 989.0  # `vitboost bench`'s MFU on CUDA: H100 / H200 SXM, bf16 dense tensor cores
 
 
 class ConfigError(ValueError):
