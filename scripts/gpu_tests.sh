@@ -9,4 +9,5 @@ limit=${1:-540}
 shift || true
 export HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 [ $# -gt 0 ] || set -- tests
-timeout -s INT "$limit" python -m pytest -vv -p no:warnings -p no:logging -p no:cacheprovider --tb=short -rfE "$@"
+# -o addopts="": one process (the CUDA tests share one GPU), and no pytest-xdist needed on the device
+timeout -s INT "$limit" python -m pytest -o addopts="" -vv -p no:warnings -p no:logging -p no:cacheprovider --tb=short -rfE "$@"

@@ -27,9 +27,16 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port no process holds now. Under pytest-xdist each worker keeps to its own residue class, so two
+    workers never pick the same port between its release here and its use by gloo or torchrun."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port % workers == worker % workers:
+            return port
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str,

@@ -128,6 +128,7 @@ def test_predict_on_missing_image(capsys, tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
     ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                         intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(tmp_path / "m")
+    capsys.readouterr()  # save_pretrained's progress bar, shown unless an earlier test's run turned it off
     fails_with(capsys, ["predict", "--model", str(tmp_path / "m"), str(tmp_path / "missing.jpg")], "missing.jpg")
 
 

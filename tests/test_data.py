@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here; never wait on retries
@@ -434,18 +433,22 @@ def test_hub_offline_fails_fast_for_real(tmp_path):
     """The real datasets.load_dataset with HF_HUB_OFFLINE=1 (fresh process: the flag is read at import)."""
     pytest.importorskip("datasets")
     code = textwrap.dedent("""
+        import time
+        import datasets
         from vitboost.data import DataError, load_image_dataset
+        t0 = time.perf_counter()
         try:
             load_image_dataset("beans", 16)
         except DataError as e:
             print(e)
+        print(time.perf_counter() - t0)
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=60)
-    assert time.perf_counter() - t0 < 20
-    assert "cannot reach the Hugging Face hub to download dataset 'beans'" in out.stdout, out.stderr
+                         timeout=300)
+    message, seconds = out.stdout.strip().splitlines()[-2:]
+    assert "cannot reach the Hugging Face hub to download dataset 'beans'" in message, out.stderr
+    assert float(seconds) < 10  # no retries: the hub's take ~23 s (the imports, slow on a busy CPU, not counted)
 
 
 # ---------------------------------------------------------------------------- the real data

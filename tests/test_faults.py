@@ -521,7 +521,7 @@ def test_a_signal_mid_run_checkpoints_that_step_and_resume_matches_an_unbroken_r
     assert rows(run) == rows(reference)
 
 
-def _sigterm_when_training(p: subprocess.Popen, metrics: Path, timeout: float = 120) -> None:
+def _sigterm_when_training(p: subprocess.Popen, metrics: Path, timeout: float = 300) -> None:
     end = time.time() + timeout
     while not (metrics.is_file() and metrics.read_text().strip()):
         assert time.time() < end and p.poll() is None, "training never started"

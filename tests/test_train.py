@@ -33,7 +33,7 @@ def run_cli(args: list[str]) -> str:
     return out
 
 
-def kill_when(p: subprocess.Popen, condition, timeout: float = 120) -> None:
+def kill_when(p: subprocess.Popen, condition, timeout: float = 300) -> None:
     """SIGKILL the process the moment condition() holds (polled every millisecond)."""
     end = time.time() + timeout
     while time.time() < end and p.poll() is None:

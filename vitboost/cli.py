@@ -281,7 +281,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from .data import require_image_files
     from .predict import Predictor
+    require_image_files(args.images)
     rows = Predictor(args.model, device=args.device).predict(args.images, top_k=args.top_k)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -673,11 +673,17 @@ def _read_cache(path: Path, fingerprint: str, log: Callable[[str], None]) -> dic
         return None
 
 
+def require_image_files(paths: list[str | Path]) -> None:
+    """`vitboost predict` checks its images before it loads a model: a typo costs no model load."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise DataError(f"image {path} does not exist; pass existing image files")
+
+
 def decode_image(path: str | Path, size: int, resample: str = "bilinear") -> torch.Tensor:
     """One image file -> uint8 [3, size, size], exactly as the dataset cache decodes it."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image {path} does not exist; pass existing image files")
+    require_image_files([path])
     try:
         return _decode_one(_Item(str(path), path=path), size, RESAMPLE[resample])
     except Exception as e:
