@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import random
 import socket
 import sys
 import tempfile
@@ -27,16 +28,24 @@ import torch.multiprocessing as mp
 
 
 def free_port() -> int:
-    """A port no process holds now. Under pytest-xdist each worker keeps to its own residue class, so two
-    workers never pick the same port between its release here and its use by gloo or torchrun."""
+    """A port no process holds now, from this pytest-xdist worker's own share of 20000-31999 (below Linux's
+    ephemeral ports): two workers never pick the same port between its release here and its use by gloo
+    or torchrun. (Asking the kernel for port 0 cannot be split by worker: bind() hands out even ports.)"""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
-    while True:
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % workers
+    span = 12000 // workers
+    for _ in range(1000):
+        port = _PORTS.randrange(20000 + worker * span, 20000 + (worker + 1) * span)
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port % workers == worker % workers:
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in this worker's range")
+
+
+_PORTS = random.Random()  # not the random module's generator: tests seed that one
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str,
