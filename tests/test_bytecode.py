@@ -88,6 +88,21 @@ def test_python_stays_as_it_was_told_where_vitboost_has_no_business_or_no_place(
     assert "PYTHONPYCACHEPREFIX" not in os.environ and not forbidden.exists()
 
 
+def test_a_launch_that_recompiles_torchs_bytecode_every_run_says_so_and_how_to_stop_it(monkeypatch, tmp_path):
+    import torch
+    from vitboost.bytecode import uncached_bytecode
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "pycache"))  # where Python would look: empty
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    assert uncached_bytecode() is None  # Python writes it this run, the next run reads it
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # PYTHONDONTWRITEBYTECODE, as in many container images
+    note = uncached_bytecode()
+    assert note.startswith("launch:") and "PYTHONDONTWRITEBYTECODE" in note and "compileall" in note
+    cached = Path(importlib.util.cache_from_source(torch.__file__))
+    cached.parent.mkdir(parents=True)
+    cached.touch()
+    assert uncached_bytecode() is None  # installed with its bytecode (pip's default): nothing to say
+
+
 def test_the_manifest_names_what_a_run_imports_parents_first():
     names = vitboost.bytecode.MANIFEST.read_text().split()
     assert len(names) == len(set(names)) and {"torch", "transformers", "torch._tensor"} <= set(names)

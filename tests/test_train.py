@@ -350,22 +350,6 @@ def test_summary_marks_where_a_processs_launch_went(tiny_beans, tmp_path):
     assert 0 < seconds[0] <= seconds[1] <= seconds[2] <= s["timings_s"]["launch"]
 
 
-def test_a_launch_that_recompiles_torchs_bytecode_every_run_says_so_and_how_to_stop_it(monkeypatch, tmp_path):
-    import importlib.util
-    import torch._tensor
-    from vitboost.cli import uncached_bytecode
-    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "pycache"))  # where Python would look: empty
-    monkeypatch.setattr(sys, "dont_write_bytecode", False)
-    assert uncached_bytecode() is None  # Python writes it this run, the next run reads it
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # PYTHONDONTWRITEBYTECODE, as in many container images
-    note = uncached_bytecode()
-    assert note.startswith("launch:") and "PYTHONDONTWRITEBYTECODE" in note and "compileall" in note
-    cached = Path(importlib.util.cache_from_source(torch._tensor.__file__))
-    cached.parent.mkdir(parents=True)
-    cached.touch()
-    assert uncached_bytecode() is None  # installed with its bytecode (pip's default): nothing to say
-
-
 def test_the_last_checkpoint_is_saved_after_the_final_evaluation(tiny_beans, tmp_path, monkeypatch):
     # a write running beside the final eval slowed it 4x: the accuracy is printed first, then the state is saved
     import vitboost.checkpoint as ckpt

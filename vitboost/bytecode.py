@@ -92,6 +92,21 @@ def keep_bytecode(compile_ahead: bool = True, manifest: Path = MANIFEST) -> list
     return _start_workers(folder, manifest)
 
 
+def uncached_bytecode() -> str | None:
+    """A note when this process compiled torch's Python to bytecode and will again next time: Python is told
+    not to write bytecode (PYTHONDONTWRITEBYTECODE, set in many container images), none is cached where it
+    looks, and keep_bytecode() could not keep it (VITBOOST_BYTECODE=off, a folder it cannot write, or the
+    user's own PYTHONPYCACHEPREFIX). That costs every launch ~9 s on an H200 host (12.9 s against 4.3 s,
+    BENCHMARKS.md section 30). None otherwise, or if torch is not installed."""
+    if not sys.dont_write_bytecode or _has_bytecode(PROBE):
+        return None
+    return ("launch: Python compiled torch's and transformers' bytecode in this process and will in every run "
+            "(PYTHONDONTWRITEBYTECODE is set, none is cached where Python looks, and vitboost could not keep it: "
+            "VITBOOST_BYTECODE=off, a folder it cannot write, or a PYTHONPYCACHEPREFIX of your own), ~9 s of each "
+            "launch on a GPU host; to keep it, unset PYTHONDONTWRITEBYTECODE, let VITBOOST_BYTECODE name a "
+            "writable folder, or run `python -m compileall -q` once on the site-packages folder")
+
+
 def _has_bytecode(package: str) -> bool:
     """Whether the package's __init__ has bytecode where this process looks now (True if the package is not
     installed, or not as Python source: nothing to compile for it)."""

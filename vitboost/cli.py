@@ -249,25 +249,6 @@ def process_start() -> float:
     return time.perf_counter() - age if age >= 0 else IMPORTED
 
 
-def uncached_bytecode() -> str | None:
-    """A note when this process compiled torch's Python to bytecode and will again next time: Python is told
-    not to write bytecode (PYTHONDONTWRITEBYTECODE, set in many container images), none is cached, and
-    vitboost could not keep it in its own cache (bytecode.py: VITBOOST_BYTECODE=off, a folder it cannot
-    write, or the user's own PYTHONPYCACHEPREFIX). That costs every launch ~9 s on an H200 host (12.9 s
-    against 4.3 s, BENCHMARKS.md section 30). None otherwise, or if torch is not loaded."""
-    import importlib.util
-    source = getattr(sys.modules.get("torch._tensor"), "__file__", None) or ""
-    if not sys.dont_write_bytecode or not source.endswith(".py"):
-        return None
-    if Path(importlib.util.cache_from_source(source)).exists():
-        return None
-    return ("launch: Python compiled torch's and transformers' bytecode in this process and will in every run "
-            "(PYTHONDONTWRITEBYTECODE is set, none is cached where Python looks, and vitboost could not keep it: "
-            "VITBOOST_BYTECODE=off, a folder it cannot write, or a PYTHONPYCACHEPREFIX of your own), ~9 s of each "
-            "launch on a GPU host; to keep it, unset PYTHONDONTWRITEBYTECODE, let VITBOOST_BYTECODE name a "
-            "writable folder, or run `python -m compileall -q` once on the site-packages folder")
-
-
 def _eval(args: argparse.Namespace) -> int:
     from .predict import evaluate_folder
     results = evaluate_folder(args.model, args.dataset, args.split, batch_size=args.batch_size,
@@ -383,6 +364,7 @@ def _main(argv: list[str] | None) -> int:
         marks["transformers_imported"] = time.perf_counter()
         if cuda is not None:
             cuda.join()
+        from .bytecode import uncached_bytecode
         note = uncached_bytecode()
         if note and world_info()[0] == 0:
             print(note, file=sys.stderr, flush=True)
