@@ -47,7 +47,7 @@ nproc=${NPROC:-$(( TP * PP ))}
 if [ "$gpus" -eq 0 ]; then
   echo "run_demo: no GPU found: running the small CPU demo (vit-tiny at 64 px, patch 16, pp=2 on 2 CPU processes)"
   set -x
-  exec python3 -m torch.distributed.run --nproc_per_node 2 -m vitboost train \
+  exec python3 -m vitboost launch --nproc_per_node 2 train \
     --plugin hybrid_parallel --pp_size 2 --model vit-tiny --image_size 64 --patch_size 16 --dataset "$DATASET" \
     --augment light --epochs "${EPOCHS_CPU:-8}" -b 32 --lr 1e-3 --weight_decay "$WD" --warmup_ratio 0.1 \
     --output "${OUTPUT}_cpu" --overwrite --seed "$SEED" --device cpu "$@"
@@ -66,7 +66,8 @@ if [ -n "$MODEL" ]; then  # the reference recipe, pretrained weights
 else                      # offline: random init, the best from-scratch recipe we measured
   recipe=(--config "$CONFIG")
 fi
-launch=(python3 -m torch.distributed.run --nproc_per_node "$nproc" -m vitboost)
+# torchrun, run from vitboost: its own process keeps bytecode where an image forbids writing it (vitboost/launch.py)
+launch=(python3 -m vitboost launch --nproc_per_node "$nproc")
 [ "$nproc" -eq 1 ] && launch=(python3 -m vitboost)   # one process: no torchrun agent to start
 set -x
 "${launch[@]}" train "${recipe[@]}" \

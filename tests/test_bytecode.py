@@ -64,6 +64,15 @@ def test_a_later_launch_or_another_rank_compiles_nothing_ahead(pkg, forbidden, t
     assert sys.pycache_prefix == str(forbidden)
 
 
+def test_a_rank_started_by_vitboost_launch_reads_and_writes_the_folder_its_launcher_handed_down(pkg, forbidden,
+                                                                                                 tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "pycache_prefix", str(forbidden))  # PYTHONPYCACHEPREFIX, exported by the launcher
+    py_compile.compile(str(pkg / "__init__.py"))  # the launcher imported the probe: its bytecode is in the folder
+    assert keep_bytecode(manifest=tmp_path / "modules.txt") == []  # nothing left to compile ahead
+    assert sys.pycache_prefix == str(forbidden) and not sys.dont_write_bytecode  # it writes what else it compiles
+    assert not (pkg / "__pycache__").exists()
+
+
 @pytest.mark.parametrize("case", ["python may write it", "the user's own prefix", "installed with bytecode", "off",
                                   "folder not writable", "no home folder"])
 def test_python_stays_as_it_was_told_where_vitboost_has_no_business_or_no_place(pkg, forbidden, tmp_path,

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, train_args
 from tests.distributed import free_port
 from tests.test_cli_errors import fails_with
-from tests.test_launch import torchrun, train_flags
+from tests.test_launch import torchrun, train_flags, vitboost_launch
 from tests.test_strategies import assert_params_close
 from vitboost.checkpoint import WRITE_THREADS
 from vitboost.cli import main
@@ -575,18 +575,19 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resume_matches(tin
              "--log_every", "2"]
     unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
 
-    def launch(out: Path, *more: str) -> list[str]:
-        return torchrun("--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+    def launch(out: Path, *more: str, launcher=torchrun) -> list[str]:
+        return launcher("--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
                         f"localhost:{free_port()}", *train_flags(tiny_beans, vit4_dir, out, *extra, *more))
 
     ref = subprocess.run(launch(unbroken), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stdout + ref.stderr
-    p = subprocess.Popen(launch(broken), env=ENV, cwd=REPO, text=True, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
+    p = subprocess.Popen(launch(broken, launcher=vitboost_launch),  # torchrun run from vitboost: the same
+                         env=ENV, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _sigterm_when_training(p, broken / "metrics.jsonl")
     log = p.communicate(timeout=300)[0]
     saved = [c.name for c in (broken / "checkpoints").iterdir()]
     assert len(saved) == 1 and "stopped by SIGTERM" in log and "--resume auto" in log, log
+    assert p.returncode == 128 + signal.SIGTERM and "launch: stopped by SIGTERM" in log, log
     step = int(saved[0][5:])
     assert 0 < step < 89 and step % 2 == 0, saved
     # a newer checkpoint that only rank 1 cannot load: both ranks must skip it, or the load would hang

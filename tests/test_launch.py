@@ -1,4 +1,5 @@
-"""torchrun does the launching: two simulated nodes, and an elastic restart after a rank is killed."""
+"""torchrun does the launching: two simulated nodes, and an elastic restart after a rank is killed; `vitboost
+launch` is torchrun run from vitboost (its own process keeps bytecode), and a rank's bad input ends it in one line."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH"
 
 def torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def vitboost_launch(*args: str) -> list[str]:
+    """torchrun's options, then a command as train_flags gives it (`-m vitboost train ...`)."""
+    options, command = list(args[:args.index("-m")]), list(args[args.index("-m") + 2:])
+    return [sys.executable, "-m", "vitboost", "launch", *options, *command]
 
 
 def train_flags(data: Path, model: Path, out: Path, *extra: str) -> list[str]:
@@ -96,3 +103,25 @@ def test_elastic_restart_after_sigkill_resumes_and_matches_an_unbroken_run(tiny_
         assert b["eval"][split]["confusion_matrix"] == a["eval"][split]["confusion_matrix"]
     assert_params_close(load_file(unbroken / "model" / "model.safetensors"),
                         load_file(broken / "model" / "model.safetensors"))
+
+
+def test_vitboost_launch_ends_on_a_ranks_bad_input_with_its_one_line_and_its_exit_code(tiny_beans, vit4_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = train_flags(tmp_path / "no_such_folder", vit4_dir, out, "--plugin", "torch_ddp")
+    r = subprocess.run(vitboost_launch("--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint",
+                                       f"localhost:{free_port()}", *flags),
+                       env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "no_such_folder does not exist" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "launch: rank 0 exited with code 2" in r.stderr  # rank 1 left quietly
+    assert not out.exists()  # nothing half-written
+
+
+def test_vitboost_launch_refuses_a_command_line_it_cannot_run_in_one_line(capsys):
+    from vitboost.cli import main
+    for argv, says in ((["launch", "--nproc_per_node", "2"], "needs a command after torchrun's options"),
+                       (["launch", "--nproc_per_node", "2", "--no_such_option", "train"], "--no_such_option")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and says in err and len(err.splitlines()) == 1, err
+    assert main(["launch", "--help"]) == 0 and "torchrun options" in capsys.readouterr().out

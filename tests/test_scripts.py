@@ -32,7 +32,7 @@ def demo(tmp_path, gpus: int, nvidia_smi: bool = True, **env: str) -> subprocess
 
 def test_two_gpus_run_the_reference_layout_pipeline_parallel(tmp_path):
     r = demo(tmp_path, 2)
-    assert r.returncode == 0 and "--nproc_per_node 2" in r.stdout and "--pp_size 2" in r.stdout
+    assert r.returncode == 0 and "-m vitboost launch --nproc_per_node 2 train" in r.stdout and "--pp_size 2" in r.stdout
     assert "--config configs/beans_scratch.yaml" in r.stdout  # offline: the from-scratch recipe
 
 
@@ -44,7 +44,7 @@ def test_a_layout_needing_more_gpus_is_refused_with_one_line(tmp_path):
 def test_one_gpu_without_an_explicit_layout_drops_pipeline_parallel(tmp_path):
     r = demo(tmp_path, 1)
     assert r.returncode == 0 and "would run: python3 -m vitboost train" in r.stdout and "--pp_size 1" in r.stdout
-    assert "torch.distributed.run" not in r.stdout  # one process, launched directly
+    assert "vitboost launch" not in r.stdout  # one process, started directly: no torchrun agent
     assert demo(tmp_path, 1, PP="2").returncode == 1
 
 
@@ -58,6 +58,7 @@ def test_pretrained_model_runs_the_reference_recipe(tmp_path):
 def test_no_gpu_runs_the_small_cpu_demo(tmp_path):
     r = demo(tmp_path, 0)
     assert r.returncode == 0 and "--device cpu" in r.stdout and "--model vit-tiny" in r.stdout
+    assert "-m vitboost launch --nproc_per_node 2 train" in r.stdout  # two processes, pp=2
 
 
 def test_gpus_are_counted_without_importing_torch_and_cuda_visible_devices_narrows_them(tmp_path):

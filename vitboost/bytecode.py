@@ -54,19 +54,24 @@ for i, name in enumerate(names):
 
 def cache_folder() -> Path | None:
     """Where this process should keep its bytecode: None when Python may write it itself, when the user
-    chose a pycache_prefix (theirs to manage), when the packages were installed with their bytecode (pip's
-    default: Python reads it), or when VITBOOST_BYTECODE=off."""
+    chose a pycache_prefix of their own (theirs to manage; the folder handed down by a vitboost process that
+    started this one is not), when the packages were installed with their bytecode (pip's default: Python
+    reads it), or when VITBOOST_BYTECODE=off."""
     setting = os.environ.get("VITBOOST_BYTECODE", "")
-    if setting.lower() in ("off", "0", "false", "no") or not sys.dont_write_bytecode or sys.pycache_prefix:
-        return None
-    if _has_bytecode(PROBE):  # beside its sources: a pycache_prefix would hide it
+    if setting.lower() in ("off", "0", "false", "no") or not sys.dont_write_bytecode:
         return None
     try:
         if setting:
-            return Path(setting).expanduser()
-        return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "vitboost" / "bytecode"
+            folder = Path(setting).expanduser()
+        else:
+            folder = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "vitboost" / "bytecode"
     except RuntimeError:  # no home folder to expand ~ in: Python compiles in memory as it was told
         return None
+    if sys.pycache_prefix and os.path.abspath(sys.pycache_prefix) != os.path.abspath(folder):
+        return None
+    if _has_bytecode(PROBE, beside_sources=True):  # a pycache_prefix would hide it
+        return None
+    return folder
 
 
 def keep_bytecode(compile_ahead: bool = True, manifest: Path = MANIFEST) -> list[subprocess.Popen]:
@@ -107,12 +112,17 @@ def uncached_bytecode() -> str | None:
             "writable folder, or run `python -m compileall -q` once on the site-packages folder")
 
 
-def _has_bytecode(package: str) -> bool:
-    """Whether the package's __init__ has bytecode where this process looks now (True if the package is not
-    installed, or not as Python source: nothing to compile for it)."""
+def _has_bytecode(package: str, beside_sources: bool = False) -> bool:
+    """Whether the package's __init__ has bytecode where this process looks now (beside_sources: in the
+    __pycache__ folder beside it, where an installer puts it, whatever this process's pycache_prefix). True if
+    the package is not installed, or not as Python source: nothing to compile for it."""
     spec = importlib.machinery.PathFinder.find_spec(package, sys.path)
     if spec is None or not (spec.origin or "").endswith(".py"):
         return True
+    if beside_sources:
+        opt = f".opt-{sys.flags.optimize}" if sys.flags.optimize else ""
+        source = Path(spec.origin)
+        return (source.parent / "__pycache__" / f"{source.stem}.{sys.implementation.cache_tag}{opt}.pyc").exists()
     return Path(importlib.util.cache_from_source(spec.origin)).exists()
 
 

@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="a LoRA run: also write the adapter alone (peft format) to this folder")
 
     _add_bench_args(sub.add_parser("bench", help="throughput / memory / MFU on synthetic data"))
+    sub.add_parser("launch", help="torchrun that keeps bytecode where an image forbids writing it: "
+                                  "vitboost launch [torchrun options] train ...", add_help=False)
     return parser
 
 
@@ -347,13 +349,21 @@ def _main(argv: list[str] | None) -> int:
         # parser does, for bench's flags)
         keep_bytecode(compile_ahead=os.environ.get("LOCAL_RANK", "0") == "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["launch"]:  # torchrun's options, then a command: not for this parser (launch.py)
+        from .launch import LaunchError, launch
+        try:
+            return launch(words[1:])
+        except LaunchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or a bad flag: its one line is printed
         return e.code if isinstance(e.code, int) else 2
     from .data import DataError
     from .model import ModelError
-    from .parallel.dims import LayoutError, world_info
+    from .parallel.dims import LayoutError, PeerFailed, world_info
     from .preempt import Preempted
     from .storage import CheckpointError, WriteError, describe_os_error
     handlers = {"eval": _eval, "predict": _predict, "export": _export}
@@ -377,6 +387,8 @@ def _main(argv: list[str] | None) -> int:
         return handlers[args.command](args)
     except (ConfigError, DataError, ModelError, LayoutError, CheckpointError, WriteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PeerFailed:  # the rank that failed said why
         return 2
     except OSError as e:  # a path that cannot be created or written (ENOSPC, EROFS, EACCES, ENOTDIR ...)
         print(f"error: {describe_os_error(e)}", file=sys.stderr)

@@ -19,6 +19,11 @@ class LayoutError(ValueError):
     """A parallel layout that cannot work; the message says how to fix it."""
 
 
+class PeerFailed(Exception):
+    """Another rank failed on what only it does (rank 0 decodes the dataset) and printed why: this rank ends
+    with exit code 2 and nothing more to say."""
+
+
 @dataclass
 class ParallelDims:
     world_size: int
