@@ -65,6 +65,15 @@ def test_training_learns_and_evaluates_every_sample(tiny_beans, tmp_path, capsys
     assert (out / "config.yaml").is_file() and (out / "model" / "model.safetensors").is_file()
 
 
+def test_progress_in_a_log_file_is_a_plain_line_about_20_times_a_run_and_at_its_last_step(tiny_beans, tmp_path,
+                                                                                                capsys):
+    # 14 epochs x 3 steps, a metrics row every step: a line every 42 // 20 = 2 steps (stdout is not a terminal)
+    assert main(train_args(tiny_beans, tmp_path / "run", "--epochs", "14", "--eval_every", "0", "--progress")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == list(range(2, 43, 2))
+    assert lines[-1].startswith("step 42/42 epoch 14 loss ") and " grad_norm " in lines[-1] and " img/s " in lines[-1]
+
+
 @pytest.mark.parametrize("writes", ["--async_checkpoint", "--no-async_checkpoint"])
 def test_two_epochs_equal_one_epoch_killed_and_resumed_bitwise(tiny_beans, tmp_path, writes):
     # async: the state written must be the step's snapshot, untouched by the training that goes on

@@ -141,6 +141,28 @@ class Meter:
         return row
 
 
+class Progress:
+    """What rank 0 shows while training: a live bar on a terminal; in a log file, a plain line about 20 times
+    per run instead (--no-progress: neither). Other ranks show nothing."""
+
+    def __init__(self, cfg: TrainConfig, is_main: bool, step: int, total_steps: int):
+        from tqdm.auto import tqdm
+        live = is_main and cfg.progress and sys.stdout.isatty()
+        self.bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout,
+                        desc="train")
+        self.lines = is_main and cfg.progress and not live
+        self.every, self.log_every, self.total = max(cfg.log_every, total_steps // 20), cfg.log_every, total_steps
+        self.write = self.bar.write if is_main else (lambda *a, **k: None)  # a line that keeps the bar intact
+
+    def logged(self, row: dict) -> None:
+        """A metrics row: the bar's figures, and a plain line when one is due."""
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+        step = row["step"]
+        if self.lines and (step % self.every < self.log_every or step == self.total):
+            print(f"step {step}/{self.total} epoch {row['epoch']} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                  f"grad_norm {row['grad_norm']:.3f} img/s {row['img_per_s']:.0f}", flush=True)
+
+
 class RunClock:
     """Where a run's time goes, for summary.json: ``phases`` (timings_s), seconds per phase from the
     process's start (launched, on time.perf_counter's clock); ``inside_train`` (train_breakdown_s), the
@@ -324,12 +346,7 @@ def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[st
         pace.saved()
 
     lap("resume")
-    # a live bar on a terminal; in a log file, a plain line about 20 times per run instead
-    live = is_main and cfg.progress and sys.stdout.isatty()
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=step, disable=not live, dynamic_ncols=True, file=sys.stdout, desc="train")
-    write = bar.write if is_main else say
-    print_every = max(cfg.log_every, total_steps // 20)
+    progress = Progress(cfg, is_main, step, total_steps)
     meter = Meter(device)
     stopped_early = False  # --early_stopping_patience
     while epoch < cfg.epochs and step < total_steps and not preempt.stopped and not stopped_early:
@@ -346,15 +363,12 @@ def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[st
             if step % cfg.log_every == 0 or step == total_steps:
                 row = meter.row(step, epoch + 1, scheduler.get_last_lr()[0], grad_norm, dp_group)
                 log(**row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
-                if is_main and cfg.progress and not live and (step % print_every < cfg.log_every or step == total_steps):
-                    print(f"step {step}/{total_steps} epoch {epoch + 1} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                          f"grad_norm {row['grad_norm']:.3f} img/s {row['img_per_s']:.0f}", flush=True)
+                progress.logged(row)
             if evals.due_at_step(step, epoch, ends_epoch=batch_in_epoch + cfg.grad_accum > batches.per_epoch):
                 with clock.inside("validation"):  # before this step's checkpoint, which then holds its effect
-                    stopped_early = evals.validate(step, epoch + batch_in_epoch / batches.per_epoch, write,
-                                                   at_step=True)
-            bar.update(1)
+                    stopped_early = evals.validate(step, epoch + batch_in_epoch / batches.per_epoch,
+                                                   progress.write, at_step=True)
+            progress.bar.update(1)
             publish_finished()  # a background checkpoint write that ended takes its final name
             if cfg.save_every and step % cfg.save_every == 0:
                 checkpoint()
@@ -364,11 +378,11 @@ def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[st
             epoch, batch_in_epoch = epoch + 1, 0
             if evals.due(epoch):
                 with clock.inside("validation"):
-                    stopped_early = evals.validate(step, epoch, write)
+                    stopped_early = evals.validate(step, epoch, progress.write)
             last_epoch = epoch == cfg.epochs or step >= total_steps or stopped_early
             if epoch % cfg.save_epochs == 0 and not last_epoch:  # the last state is saved after the final eval
                 checkpoint(wait=False)
-    bar.close()
+    progress.bar.close()
     if preempt.stopped:
         checkpoint()
         finish_pending()
