@@ -72,6 +72,8 @@ def test_two_simulated_nodes_run_a_hybrid_job(tiny_beans, vit4_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["strategy"]["world_size"] == 4 and summary["strategy"]["pp"] == 2 and summary["strategy"]["dp"] == 2
     assert summary["eval"]["validation"]["num_samples"] == 9
+    # the launch counts from the launcher's start, so its imports and rendezvous are in the seconds to accuracy
+    assert 0 < summary["launch_marks_s"]["rank_started"] < summary["timings_s"]["launch"]
 
 
 def test_elastic_restart_after_sigkill_resumes_and_matches_an_unbroken_run(tiny_beans, vit4_dir, tmp_path):

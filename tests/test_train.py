@@ -390,10 +390,17 @@ def test_the_final_validation_is_the_last_epochs_not_a_second_pass(tiny_beans, t
     assert s["eval"]["validation"]["loss"] == s["history"][-1]["val_loss"]
 
 
-def test_the_launch_phase_starts_when_the_process_started():
+def test_the_launch_phase_starts_when_the_process_started_or_a_torchrun_ranks_launcher_did(monkeypatch):
     import vitboost
-    from vitboost.cli import process_start
-    assert process_start() < vitboost.IMPORTED  # /proc says the process started before vitboost was imported
+    from vitboost.cli import _started, process_start
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    marks = {}
+    own = process_start(marks)
+    assert own < vitboost.IMPORTED and marks == {}  # /proc says the process started before vitboost was imported
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # a torchrun rank: its parent is the launcher
+    launcher = process_start(marks)
+    assert launcher == pytest.approx(_started(str(os.getppid())), abs=0.02) and launcher <= own
+    assert marks["rank_started"] == pytest.approx(own, abs=0.02)
 
 
 @pytest.mark.parametrize("extra", [(), ("--ema", "0.9"), ("--lora_rank", "4", "--lr", "5e-3")],

@@ -239,16 +239,31 @@ def _train(args: argparse.Namespace, launched: float, marks: dict[str, float]) -
     return 0
 
 
-def process_start() -> float:
-    """When this process started, on time.perf_counter's clock: from /proc/self/stat (Linux), so the
-    interpreter's own start-up counts; elsewhere, when the vitboost package was first imported."""
+def process_start(marks: dict[str, float] | None = None) -> float:
+    """When the user's wait began, on time.perf_counter's clock: this process's start, from /proc (Linux),
+    so the interpreter's own start-up counts; in a torchrun rank (vitboost launch's too), its launcher's
+    start, so the launcher's imports and rendezvous count (4-6 s on an H200 host, BENCHMARKS.md section
+    32), and marks["rank_started"] says when the rank itself started. Elsewhere, when the vitboost package
+    was first imported."""
     from . import IMPORTED
+    own = _started("self") or IMPORTED
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun's agent, this process's parent
+        launcher = _started(str(os.getppid()))
+        if launcher is not None and launcher <= own:
+            if marks is not None:
+                marks["rank_started"] = own
+            return launcher
+    return own
+
+
+def _started(pid: str) -> float | None:
+    """When process pid ("self", or a number) started, on time.perf_counter's clock; None where /proc cannot say."""
     try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, AttributeError):
-        return IMPORTED
-    return time.perf_counter() - age if age >= 0 else IMPORTED
+        return None
+    return time.perf_counter() - age if age >= 0 else None
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -339,8 +354,8 @@ def _leave(code: int) -> NoReturn:
 
 
 def _main(argv: list[str] | None) -> int:
-    launched = process_start() if argv is None else time.perf_counter()
     marks = {"cli_started": time.perf_counter()}  # the launch phase's parts, for summary.json
+    launched = process_start(marks) if argv is None else time.perf_counter()
     if argv is None:
         from . import IMPORTED
         from .bytecode import keep_bytecode

@@ -4,7 +4,7 @@
       -> eval each epoch -> checkpoint -> final eval (validation, test) -> last checkpoint -> export, summary
 
 summary.json's ``timings_s`` breaks the run down by phase, from the process's start (``launch``:
-interpreter, imports, argument parsing) to the export.
+interpreter, imports, argument parsing; a torchrun rank counts from its launcher's start) to the export.
 
 Every rank sees the same global batch indices (same seed); each data-parallel rank takes
 its contiguous slice, so a run on N GPUs computes the same global-batch mean loss as one
@@ -168,7 +168,7 @@ class RunClock:
     process's start (launched, on time.perf_counter's clock); ``inside_train`` (train_breakdown_s), the
     train phase's seconds spent in epoch-end validations and checkpoints, each timed from a device sync
     so queued steps are not counted (train_breakdown() adds the rest as steps); ``launch_marks``
-    (launch_marks_s), when the CLI's steps inside the launch ended, in seconds from the process's start
+    (launch_marks_s), when the CLI's steps inside the launch ended, in seconds from the launch
     (a machine's first run spends its launch there: disk reads, bytecode, the driver)."""
 
     def __init__(self, launched: float | None, marks: dict[str, float] | None = None):
