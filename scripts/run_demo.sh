@@ -76,4 +76,4 @@ set -x
 { set +x; } 2>/dev/null
 took=$(python3 -c "print(round($(date +%s.%N) - $started, 1))")
 to_acc=$(python3 -c "import json; print(json.load(open('$OUTPUT/summary.json'))['seconds_to_accuracy'])" 2>/dev/null || echo "?")
-echo "run_demo: done in ${took} s; accuracy printed ${to_acc} s after the training process started ($nproc GPU, tp=$TP pp=$PP)"
+echo "run_demo: done in ${took} s; accuracy printed ${to_acc} s after the training command started ($nproc GPU, tp=$TP pp=$PP)"
