@@ -73,6 +73,22 @@ def test_a_rank_started_by_vitboost_launch_reads_and_writes_the_folder_its_launc
     assert not (pkg / "__pycache__").exists()
 
 
+def test_a_rank_of_plain_torchrun_says_vitboost_launch_would_keep_the_launchers_bytecode_too(pkg, forbidden, tmp_path,
+                                                                                            monkeypatch):
+    from vitboost.bytecode import torchrun_note
+    monkeypatch.setattr(vitboost.bytecode, "_kept_here", False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")  # a torchrun rank; plain torchrun hands no folder down
+    keep_bytecode(compile_ahead=False, manifest=tmp_path / "modules.txt")
+    note = torchrun_note()
+    assert note.startswith("launch:") and "`vitboost launch`" in note
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # the next rank, started by vitboost launch: the
+    keep_bytecode(compile_ahead=False, manifest=tmp_path / "modules.txt")  # folder came from its launcher
+    assert sys.pycache_prefix == str(forbidden) and torchrun_note() is None
+    monkeypatch.setattr(vitboost.bytecode, "_kept_here", True)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # one process, no launcher: nothing to say
+    assert torchrun_note() is None
+
+
 @pytest.mark.parametrize("case", ["python may write it", "the user's own prefix", "installed with bytecode", "off",
                                   "folder not writable", "no home folder"])
 def test_python_stays_as_it_was_told_where_vitboost_has_no_business_or_no_place(pkg, forbidden, tmp_path,

@@ -23,6 +23,7 @@ from pathlib import Path
 MANIFEST = Path(__file__).with_name("launch_modules.txt")  # module names in the order a run imports them
 PROBE = "torch"  # the package whose bytecode says whether an environment has it (the biggest a run imports)
 MAX_WORKERS = 12
+_kept_here = False  # keep_bytecode() chose the folder in this process (no vitboost launcher handed it down)
 
 # A worker: resolve every module of the manifest as the import system would (PathFinder, importing nothing,
 # parents before children), compile every n-th one from offset k that has no bytecode yet. The workers
@@ -89,6 +90,8 @@ def keep_bytecode(compile_ahead: bool = True, manifest: Path = MANIFEST) -> list
         return []
     if not os.access(folder, os.W_OK | os.X_OK):
         return []
+    global _kept_here
+    _kept_here = not sys.pycache_prefix  # not handed down by a vitboost launcher
     sys.pycache_prefix = str(folder)
     sys.dont_write_bytecode = False
     os.environ["PYTHONPYCACHEPREFIX"] = str(folder)
@@ -110,6 +113,17 @@ def uncached_bytecode() -> str | None:
             "VITBOOST_BYTECODE=off, a folder it cannot write, or a PYTHONPYCACHEPREFIX of your own), ~9 s of each "
             "launch on a GPU host; to keep it, unset PYTHONDONTWRITEBYTECODE, let VITBOOST_BYTECODE name a "
             "writable folder, or run `python -m compileall -q` once on the site-packages folder")
+
+
+def torchrun_note() -> str | None:
+    """A note for a torchrun rank that kept its bytecode itself: its launcher, plain torchrun, could not, and
+    imported torch without bytecode before it started any rank (2-3 s of each launch on an H200 host,
+    BENCHMARKS.md section 32). None elsewhere, and under `vitboost launch`, which handed its folder down."""
+    if not (_kept_here and "TORCHELASTIC_RUN_ID" in os.environ):
+        return None
+    return ("launch: torchrun's own process compiled torch's bytecode in memory before starting the ranks "
+            "(PYTHONDONTWRITEBYTECODE is set and none is installed); `vitboost launch` takes the same options and "
+            "keeps it: ~2 s less per launch on a GPU host")
 
 
 def _has_bytecode(package: str, beside_sources: bool = False) -> bool:

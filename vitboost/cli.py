@@ -389,8 +389,8 @@ def _main(argv: list[str] | None) -> int:
         marks["transformers_imported"] = time.perf_counter()
         if cuda is not None:
             cuda.join()
-        from .bytecode import uncached_bytecode
-        note = uncached_bytecode()
+        from .bytecode import torchrun_note, uncached_bytecode
+        note = uncached_bytecode() or torchrun_note()
         if note and world_info()[0] == 0:
             print(note, file=sys.stderr, flush=True)
     try:
