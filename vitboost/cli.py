@@ -242,7 +242,7 @@ def _train(args: argparse.Namespace, launched: float, marks: dict[str, float]) -
 def process_start(marks: dict[str, float] | None = None) -> float:
     """When the user's wait began, on time.perf_counter's clock: this process's start, from /proc (Linux),
     so the interpreter's own start-up counts; in a torchrun rank (vitboost launch's too), its launcher's
-    start, so the launcher's imports and rendezvous count (4-6 s on an H200 host, BENCHMARKS.md section
+    start, so the launcher's imports and rendezvous count (1.8-3.5 s on an H200 host, BENCHMARKS.md section
     32), and marks["rank_started"] says when the rank itself started. Elsewhere, when the vitboost package
     was first imported."""
     from . import IMPORTED
