@@ -119,6 +119,17 @@ def test_vitboost_launch_ends_on_a_ranks_bad_input_with_its_one_line_and_its_exi
     assert not out.exists()  # nothing half-written
 
 
+def test_vitboost_launch_finds_the_command_after_torchruns_options():
+    from vitboost.launch import split_command
+    valued = frozenset({"--nproc_per_node", "--role"})  # torchrun's options that take a value (from its parser)
+    assert split_command(["--nproc_per_node", "2", "--standalone", "train", "--epochs", "1"], valued) == (
+        ["--nproc_per_node", "2", "--standalone"], ["train", "--epochs", "1"])
+    assert split_command(["--role", "train", "eval", "--split", "test"], valued) == (  # a value, not the command
+        ["--role", "train"], ["eval", "--split", "test"])
+    assert split_command(["--nproc_per_node", "2", "-m", "vitboost", "bench"], valued) == (  # the torchrun habit
+        ["--nproc_per_node", "2"], ["bench"])
+
+
 def test_vitboost_launch_refuses_a_command_line_it_cannot_run_in_one_line(capsys):
     from vitboost.cli import main
     for argv, says in ((["launch", "--nproc_per_node", "2"], "needs a command after torchrun's options"),

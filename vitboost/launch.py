@@ -4,7 +4,7 @@
 
 Everything before the command (train, eval, predict, export, bench) is torchrun's own options, taken as
 torchrun takes them; the command runs as `python -m vitboost COMMAND ...` in every rank, as under
-`torchrun ... -m vitboost COMMAND ...`. Why: where an image forbids Python to write bytecode and ships none
+`torchrun ... -m vitboost COMMAND ...` (a `-m vitboost` typed out of that habit is dropped). Why: where an image forbids Python to write bytecode and ships none
 (bytecode.py), the ranks keep theirs in vitboost's cache, but torchrun's own process compiled torch's Python
 in memory at every launch before it started a rank (BENCHMARKS.md section 32). Here that process reads and
 writes the same cache, starts the compile-ahead workers on a machine's first launch, and hands the folder to
@@ -25,12 +25,16 @@ class LaunchError(ValueError):
     """A launch command line without a command to run."""
 
 
-def split_command(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(torchrun's options, the vitboost command and its options): the command starts at the first word
-    that names one (no torchrun option takes a command's name as its value)."""
+def split_command(argv: list[str], valued: frozenset[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """(torchrun's options, the vitboost command and its options): the command starts at the first word that
+    names one and is not the value of an option in `valued` (`--role train`). A `-m vitboost` before it, from
+    the torchrun habit, is dropped: it is what the command runs anyway."""
     for i, word in enumerate(argv):
-        if word in COMMANDS:
-            return argv[:i], argv[i:]
+        if word in COMMANDS and not (i and argv[i - 1] in valued):
+            options = argv[:i]
+            if options[-2:] in (["-m", "vitboost"], ["--module", "vitboost"]):
+                options = options[:-2]
+            return options, argv[i:]
     raise LaunchError("vitboost launch needs a command after torchrun's options "
                       f"({', '.join(COMMANDS)}), e.g. `vitboost launch --nproc_per_node 2 train --dataset data/beans`")
 
@@ -41,12 +45,13 @@ def launch(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE + "\n\nThe options before the command are torchrun's own (`torchrun --help` lists them).")
         return 0
-    options, command = split_command(argv)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
     parser = get_args_parser()
     parser.error = _refuse  # one line, not torchrun's 25-line usage
+    valued = frozenset(o for a in parser._actions if a.option_strings and a.nargs != 0 for o in a.option_strings)
+    options, command = split_command(argv, valued)
     args = parser.parse_args([*options, "-m", "vitboost", *command])
     try:
         run(args)
