@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 from .best import KEY as BEST
+from .parallel.dims import any_rank
 from .storage import CheckpointError, io_failure, write_synced
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -407,12 +408,7 @@ def publish_finished() -> None:
 
 def writing() -> bool:
     """Collective: whether a background write is still running on any rank (all ranks get the same answer)."""
-    busy = _pending is not None and not _pending.future.done()
-    if _world() == 1:
-        return busy
-    flags: list[bool | None] = [None] * _world()
-    dist.all_gather_object(flags, busy)
-    return any(flags)
+    return any_rank(_pending is not None and not _pending.future.done())
 
 
 def finish_pending() -> None:

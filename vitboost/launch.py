@@ -4,9 +4,10 @@
 
 Everything before the command (train, eval, predict, export, bench) is torchrun's own options, taken as
 torchrun takes them; the command runs as `python -m vitboost COMMAND ...` in every rank, as under
-`torchrun ... -m vitboost COMMAND ...` (a `-m vitboost` typed out of that habit is dropped). Why: where an image forbids Python to write bytecode and ships none
-(bytecode.py), the ranks keep theirs in vitboost's cache, but torchrun's own process compiled torch's Python
-in memory at every launch before it started a rank (BENCHMARKS.md section 32). Here that process reads and
+`torchrun ... -m vitboost COMMAND ...` (a `-m vitboost` typed out of that habit is dropped). Why: where an
+image forbids Python to write bytecode and ships none (bytecode.py), the ranks keep theirs in vitboost's
+cache, but torchrun's own process compiled torch's Python in memory at every launch before it started a rank
+(BENCHMARKS.md section 32). Here that process reads and
 writes the same cache, starts the compile-ahead workers on a machine's first launch, and hands the folder to
 its ranks. Elsewhere it is torchrun as it is. A rank that fails ends the launch with the rank's exit code (2
 for bad input, whose `error:` line the rank printed) and one line naming the rank, not torchrun's traceback.

@@ -37,7 +37,7 @@ from .model import Preprocess, build_model
 from .export import export_checkpoint, export_state, save_run_config
 from .regularize import apply_drop_path
 from .report import make_sinks
-from .parallel.dims import ParallelDims, PeerFailed, init_distributed, world_info
+from .parallel.dims import ParallelDims, PeerFailed, any_rank, init_distributed, world_info
 from .parallel.plan import make_plan, model_dims, plan_step
 from .preempt import Preemption, restore_signals
 from .storage import WriteError, uncreatable
@@ -591,7 +591,7 @@ def _load_data(cfg: TrainConfig, size: int, is_main: bool, say) -> ImageDataset:
                                       stream=cfg.stream, log=say)
         except Exception as e:  # noqa: BLE001 (raised below, once every rank knows)
             failure = e
-    if _failed_anywhere(failure is not None):
+    if any_rank(failure is not None):
         raise failure or PeerFailed("rank 0 could not load the dataset")
     if not is_main:
         data = load_image_dataset(cfg.dataset, size, cache, skip_bad_images=cfg.skip_bad_images,
@@ -640,15 +640,6 @@ def _dp_mean(t: torch.Tensor, group) -> float:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _failed_anywhere(failed: bool) -> bool:
-    """Whether any rank failed, told to every rank (a barrier too). A CPU tensor: gloo beside nccl carries it."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return failed
-    flag = torch.tensor([int(failed)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
 
 
 def run(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[str, float] | None = None) -> dict:

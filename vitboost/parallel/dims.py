@@ -81,6 +81,16 @@ def world_info() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
 
 
+def any_rank(flag: bool) -> bool:
+    """Collective: whether flag holds on any rank, the same answer on every rank (a barrier too). A CPU
+    tensor: gloo carries it, beside nccl on CUDA (init_distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
+
+
 def init_distributed(device_type: str) -> None:
     """Initialise the default process group once (nccl on CUDA, gloo on CPU).
 
