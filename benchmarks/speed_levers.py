@@ -16,6 +16,12 @@ A variant is MODEL:BATCH:HOW, where HOW is one of
   whole_cudnn, whole_flash, whole_ma   the whole model compiled, with cuDNN / Flash SDPA, or max-autotune
   gemini, gemini_fp16, gemini_keep     --plugin gemini on one GPU (bf16, fp16; keep: params stay gathered
                between forward and backward instead of a second host-to-device copy)
+HOW may carry modifiers after a '+' (e.g. blocks+bf16res+cdt):
+  fp32res      the residual stream as plain autocast leaves it, fp32 (VITBOOST_BF16_RESIDUAL=0); by default
+               it is bf16 (model.bf16_residual_stream)
+  allbf16      the whole model's parameters in bf16 (an upper bound: AdamW on bf16 weights, no master copy)
+  tma          Inductor's persistent TMA matmul templates (Hopper) beside cuBLAS, with max-autotune
+  cdt          Inductor's coordinate-descent tuning of its Triton kernels
 The train step is the Engine's (bf16 autocast, fused AdamW, grad clipping), on synthetic data
 already on the GPU. `--profile` adds a kernel-time breakdown (GEMM, attention, fused Triton,
 optimizer, other, and GPU idle) of one variant.
@@ -52,6 +58,16 @@ def build(model_name: str, batch: int, how: str):
     from vitboost.parallel.plan import make_plan, model_dims
     from vitboost.parallel.tensor import find_blocks
 
+    how, *mods = how.split("+")
+    if "fp32res" in mods:
+        os.environ["VITBOOST_BF16_RESIDUAL"] = "0"
+    if "tma" in mods:
+        import torch._inductor.config as ic
+        ic.triton.enable_persistent_tma_matmul = True
+        ic.max_autotune_gemm = True
+    if "cdt" in mods:
+        import torch._inductor.config as ic
+        ic.coordinate_descent_tuning = True
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # cpu: smoke only
     init_distributed(device.type)
     gemini = how.startswith("gemini")
@@ -69,6 +85,8 @@ def build(model_name: str, batch: int, how: str):
         for m in model.modules():
             if isinstance(m, PatchLinear):
                 m.__class__ = torch.nn.Conv2d
+    if "allbf16" in mods:
+        model.to(torch.bfloat16)
     plan = make_plan(cfg, device.type, 1, sum(p.numel() for p in model.parameters()), model_dims(model.config))
     if how == "gemini_keep":
         import dataclasses

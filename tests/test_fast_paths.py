@@ -68,3 +68,42 @@ def test_the_cli_loads_transformers_without_the_extras_a_vit_never_uses(tmp_path
         code = ("from vitboost.model import import_transformers_lean; import_transformers_lean()\n" if lean else "") + check
         subprocess.run([sys.executable, "-c", code], env={**env, "MARK": str(mark)}, check=True, timeout=300)
         assert mark.exists() == imported
+
+
+def _block_inputs(model, x):
+    """The dtype of the hidden states each transformer block receives."""
+    from vitboost.parallel.tensor import find_blocks
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype)) for _, b in find_blocks(model)]
+    out = model(pixel_values=x).logits
+    for h in hooks:
+        h.remove()
+    return seen, out
+
+
+def test_under_bf16_autocast_the_residual_stream_between_blocks_is_bf16() -> None:
+    from vitboost.model import bf16_residual_stream
+    torch.manual_seed(0)
+    plain = _model(image_size=32, patch_size=8)
+    hooked = copy.deepcopy(plain)
+    assert bf16_residual_stream(hooked)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert set(_block_inputs(plain, x)[0]) == {torch.float32}  # what autocast alone gives
+        seen, out = _block_inputs(hooked, x)
+        assert set(seen) == {torch.bfloat16}
+        torch.testing.assert_close(out.float(), plain(pixel_values=x).logits.float(), rtol=0.05, atol=0.05)
+    with torch.autocast("cpu", dtype=torch.float16):  # fp16's range: the stream stays fp32
+        assert set(_block_inputs(hooked, x)[0]) == {torch.float32}
+    seen, out = _block_inputs(hooked, x)  # no autocast: fp32, the same numbers
+    assert set(seen) == {torch.float32}
+    assert torch.equal(out, plain(pixel_values=x).logits)
+    assert list(hooked.state_dict()) == list(plain.state_dict())
+
+
+def test_the_bf16_residual_stream_can_be_switched_off_and_a_later_pipeline_stage_has_none(monkeypatch) -> None:
+    from vitboost.model import bf16_residual_stream
+    from vitboost.parallel.tensor import find_blocks
+    assert not bf16_residual_stream(find_blocks(_model())[0][1])  # a stage without the embeddings
+    monkeypatch.setenv("VITBOOST_BF16_RESIDUAL", "0")
+    assert not bf16_residual_stream(_model())

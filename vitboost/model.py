@@ -98,6 +98,33 @@ def fuse_qkv(model: nn.Module) -> int:
     return n
 
 
+def bf16_residual_stream(model: nn.Module) -> bool:
+    """Under bf16 autocast, keep ViT's residual stream in bf16: the embeddings' output is cast once.
+
+    Autocast leaves the stream in fp32 (the position-embedding add promotes it, and each block's
+    ``x + f(x)`` adds a bf16 branch to an fp32 ``x``), so every LayerNorm and residual add moves twice
+    the bytes it needs. FSDP's ``param_dtype=bf16`` (our fsdp and gemini plans, torchtitan) already
+    runs the stream in bf16; this gives the unwrapped and DDP model the same numerics. ViT-B batch 256
+    on an H200: +3.3% (BENCHMARKS.md section 33). fp16 (its range) and fp32 runs are untouched.
+    Returns whether the model has embeddings to hook (a later pipeline stage has none: it receives the
+    stream as stage 0 sends it). ``VITBOOST_BF16_RESIDUAL=0`` keeps autocast's fp32 stream, for A/B runs.
+    """
+    if os.environ.get("VITBOOST_BF16_RESIDUAL", "1") == "0":
+        return False
+    embeddings = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "embeddings"), None)
+    if embeddings is None:
+        return False
+    embeddings.register_forward_hook(_stream_in_bf16)
+    return True
+
+
+def _stream_in_bf16(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+    kind = out.device.type
+    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16:
+        return out.to(torch.bfloat16)
+    return out
+
+
 # transformers imports scikit-learn (assisted generation, 5.17), scipy (detection losses) and
 # torchvision (fast image processors) as soon as ViT's modeling code loads, if they are installed:
 # 1.9 s of a 3-epoch ViT-B run's ~11 s on an H200 (python -X importtime, BENCHMARKS.md), none of

@@ -18,7 +18,7 @@ from .dims import ParallelDims
 from .ddp import apply_ddp
 from .fsdp import apply_fsdp
 from .plan import Plan
-from ..model import fuse_qkv
+from ..model import bf16_residual_stream, fuse_qkv
 from .tensor import apply_tensor_parallel, find_blocks
 
 
@@ -29,6 +29,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: Plan, device: torch.
         apply_tensor_parallel(model, mesh["tp"])
     else:  # nothing shards q, k and v apart: one GEMM for the three
         fuse_qkv(model)
+    bf16_residual_stream(model)  # under bf16 autocast the stream between blocks stays bf16, as under FSDP
     if grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if plan.compile == "blocks":  # FSDP/TP/PP units; a single module is compiled whole by the Engine
