@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from vitboost.model import PatchLinear, build_model, linear_patch_embedding
@@ -107,3 +108,28 @@ def test_the_bf16_residual_stream_can_be_switched_off_and_a_later_pipeline_stage
     assert not bf16_residual_stream(find_blocks(_model())[0][1])  # a stage without the embeddings
     monkeypatch.setenv("VITBOOST_BF16_RESIDUAL", "0")
     assert not bf16_residual_stream(_model())
+
+
+@pytest.mark.parametrize("precision, stream", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_engine_trains_and_evaluates_with_the_stream_in_the_compute_dtype(precision, stream) -> None:
+    """parallelize() applies it, so torch_ddp's unwrapped module runs the numerics FSDP's param_dtype gives."""
+    from vitboost.augment import soft_cross_entropy
+    from vitboost.config import make_config
+    from vitboost.engine import Engine
+    from vitboost.parallel.dims import ParallelDims, init_distributed
+    from vitboost.parallel.plan import make_plan
+    from vitboost.parallel.tensor import find_blocks
+    init_distributed("cpu")
+    cfg = make_config({"model": "vit-micro", "pretrained": "none", "batch_size": 2, "mixed_precision": precision,
+                       "device": "cpu"})
+    dims = ParallelDims(1)
+    dims.build_mesh("cpu")
+    model = _model()
+    engine = Engine(model, cfg, dims, make_plan(cfg, "cpu", 1), torch.device("cpu"), soft_cross_entropy)
+    seen = []
+    for _, block in find_blocks(engine.model):
+        block.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    x, y = torch.randn(2, 3, 32, 32), torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
+    engine.train_step([(x, y)])
+    engine.logits(x)
+    assert seen and set(seen) == {stream}
