@@ -130,6 +130,15 @@ def test_vitboost_launch_finds_the_command_after_torchruns_options():
         ["--nproc_per_node", "2"], ["bench"])
 
 
+def test_vitboost_launch_knows_every_command_the_cli_has():
+    """launch.py names the commands itself (it runs before the CLI's parser is built): the two lists agree."""
+    import argparse
+    from vitboost.cli import build_parser
+    from vitboost.launch import COMMANDS
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(COMMANDS) == set(sub.choices) - {"launch"}
+
+
 def test_vitboost_launch_refuses_a_command_line_it_cannot_run_in_one_line(capsys):
     from vitboost.cli import main
     for argv, says in ((["launch", "--nproc_per_node", "2"], "needs a command after torchrun's options"),
