@@ -482,6 +482,46 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(where, referen
     assert not marker.exists()
 
 
+class _Py3110Pickler(pickle.Pickler):
+    """Pickles enum members as early Python 3.11 releases do (3.11.2, Debian 12's): getattr(Enum, "NAME")."""
+
+    def __init__(self, f, getattr_of=None):
+        super().__init__(f)
+        self.getattr_of = getattr_of  # (class, attribute): pickle the first enum member as this getattr instead
+
+    def reducer_override(self, obj):
+        import enum
+        if isinstance(obj, enum.Enum):
+            return getattr, self.getattr_of or (type(obj), obj.name)
+        return NotImplemented
+
+
+def _metadata_as_older_pythons_write_it(folder: Path, getattr_of=None) -> Path:
+    import io
+    import torch.distributed.checkpoint.metadata as md
+    folder.mkdir()
+    meta = md.Metadata(state_dict_metadata={"w": md.TensorStorageMetadata(
+        properties=md.TensorProperties(dtype=torch.bfloat16), size=torch.Size([4]),
+        chunks=[md.ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([4]))])}, storage_data={})
+    buf = io.BytesIO()
+    _Py3110Pickler(buf, getattr_of).dump(meta)
+    (folder / ".metadata").write_bytes(buf.getvalue())
+    return folder
+
+
+def test_checkpoint_metadata_written_by_python_3_11_2_loads_and_only_its_enum_getattr_is_admitted(tmp_path):
+    import pathlib
+    import torch.distributed.checkpoint.metadata as md
+    from vitboost.checkpoint import DamagedCheckpoint, read_metadata
+    got = read_metadata(_metadata_as_older_pythons_write_it(tmp_path / "py3112"))
+    props = got.state_dict_metadata["w"].properties
+    assert props.dtype == torch.bfloat16 and props.memory_format == torch.contiguous_format
+    for i, (cls, name) in enumerate([(md._MEM_FORMAT_ENCODING, "__class__"),  # an enum's, but not a member
+                                     (pathlib.Path, "home")]):  # an admitted class's method, not an enum member
+        with pytest.raises(DamagedCheckpoint, match=f"refused: it calls builtins.getattr.*{name}"):
+            read_metadata(_metadata_as_older_pythons_write_it(tmp_path / f"crafted{i}", (cls, name)))
+
+
 @pytest.mark.parametrize("pretrained", ["none", "auto"])
 def test_a_model_folder_with_custom_code_is_refused_without_prompting(pretrained, capsys, tiny_beans, tmp_path):
     folder, marker = tmp_path / "model", tmp_path / "pwned"

@@ -117,6 +117,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ADMITTED or self._dcp_class(module, name) or self._torch_constant(module, name):
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _dcp_enum_member
         raise _Refused(f"{module}.{name}")
 
     @staticmethod
@@ -129,6 +131,18 @@ class _MetadataUnpickler(pickle.Unpickler):
     def _torch_constant(module: str, name: str) -> bool:  # torch.float32, torch.strided, torch.channels_last
         return module == "torch" and isinstance(getattr(torch, name, None),
                                                 (torch.dtype, torch.layout, torch.memory_format))
+
+
+def _dcp_enum_member(cls, name):
+    """Early Python 3.11 releases (3.11.2, Debian 12's, seen; 3.11.7 and 3.12 do not) pickle an enum member as
+    ``getattr(EnumClass, "NAME")`` instead of ``EnumClass(value)``: DCP's ``_MEM_FORMAT_ENCODING`` in every
+    tensor's properties. Only that form is admitted: a member, by name, of an enum that DCP's metadata module
+    defines; any other getattr is refused."""
+    import enum
+    if (isinstance(cls, type) and issubclass(cls, enum.Enum) and cls.__module__ == _METADATA_MODULE
+            and isinstance(name, str) and name in cls.__members__):
+        return cls[name]
+    raise _Refused(f"builtins.getattr({getattr(cls, '__qualname__', type(cls).__name__)}, {name!r})")
 
 
 class _SafeReader(FileSystemReader):
