@@ -61,12 +61,11 @@ def build(model_name: str, batch: int, how: str):
     how, *mods = how.split("+")
     if "fp32res" in mods:
         os.environ["VITBOOST_BF16_RESIDUAL"] = "0"
+    import torch._inductor.config as ic
     if "tma" in mods:
-        import torch._inductor.config as ic
         ic.triton.enable_persistent_tma_matmul = True
         ic.max_autotune_gemm = True
     if "cdt" in mods:
-        import torch._inductor.config as ic
         ic.coordinate_descent_tuning = True
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")  # cpu: smoke only
     init_distributed(device.type)

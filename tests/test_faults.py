@@ -482,7 +482,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(where, referen
     assert not marker.exists()
 
 
-class _Py3110Pickler(pickle.Pickler):
+class _EarlyPy311Pickler(pickle.Pickler):
     """Pickles enum members as early Python 3.11 releases do (3.11.2, Debian 12's): getattr(Enum, "NAME")."""
 
     def __init__(self, f, getattr_of=None):
@@ -504,7 +504,7 @@ def _metadata_as_older_pythons_write_it(folder: Path, getattr_of=None) -> Path:
         properties=md.TensorProperties(dtype=torch.bfloat16), size=torch.Size([4]),
         chunks=[md.ChunkStorageMetadata(offsets=torch.Size([0]), sizes=torch.Size([4]))])}, storage_data={})
     buf = io.BytesIO()
-    _Py3110Pickler(buf, getattr_of).dump(meta)
+    _EarlyPy311Pickler(buf, getattr_of).dump(meta)
     (folder / ".metadata").write_bytes(buf.getvalue())
     return folder
 
