@@ -16,12 +16,14 @@ A variant is MODEL:BATCH:HOW, where HOW is one of
   whole_cudnn, whole_flash, whole_ma   the whole model compiled, with cuDNN / Flash SDPA, or max-autotune
   gemini, gemini_fp16, gemini_keep     --plugin gemini on one GPU (bf16, fp16; keep: params stay gathered
                between forward and backward instead of a second host-to-device copy)
-HOW may carry modifiers after a '+' (e.g. blocks+bf16res+cdt):
+HOW may carry modifiers after a '+' (e.g. blocks+fp32res+cdt):
   fp32res      the residual stream as plain autocast leaves it, fp32 (VITBOOST_BF16_RESIDUAL=0); by default
                it is bf16 (model.bf16_residual_stream)
   allbf16      the whole model's parameters in bf16 (an upper bound: AdamW on bf16 weights, no master copy)
   tma          Inductor's persistent TMA matmul templates (Hopper) beside cuBLAS, with max-autotune
   cdt          Inductor's coordinate-descent tuning of its Triton kernels
+  nogelu, nonorm   bounds, not models: the MLP's GELU / every block's two LayerNorms replaced by the
+               identity, so the step shows what no fusion of those kernels could beat
 The train step is the Engine's (bf16 autocast, fused AdamW, grad clipping), on synthetic data
 already on the GPU. `--profile` adds a kernel-time breakdown (GEMM, attention, fused Triton,
 optimizer, other, and GPU idle) of one variant.
@@ -44,7 +46,24 @@ if ROOT not in sys.path:
 DEFAULT = ["vit-base:256:eager", "vit-base:256:blocks", "vit-base:256:blocks_conv", "vit-base:256:whole",
            "vit-base:256:cudnn", "vit-base:512:blocks", "vit-base:256:blocks_ma",
            "vit-small:128:eager", "vit-small:128:blocks", "vit-small:128:blocks_ro"]
+MODIFIERS = {"fp32res", "allbf16", "tma", "cdt", "nogelu", "nonorm"}
 PEAK = 793e12  # measured bf16 GEMM rate of one H200 (the issue's number); MFU below uses it
+
+
+def free_kernels(model, mods) -> int:
+    """The bounds `nogelu` / `nonorm`: each block's GELU / LayerNorms become the identity, so a step shows what
+    no fusion of those kernels could beat. Returns how many modules were replaced."""
+    import torch
+    from vitboost.parallel.tensor import find_blocks
+    replaced = 0
+    for _, block in find_blocks(model):
+        for name, sub in list(block.named_modules()):
+            if ("nonorm" in mods and isinstance(sub, torch.nn.LayerNorm)
+                    or "nogelu" in mods and "gelu" in type(sub).__name__.lower()):
+                parent, _, leaf = name.rpartition(".")
+                setattr(block.get_submodule(parent), leaf, torch.nn.Identity())
+                replaced += 1
+    return replaced
 
 
 def build(model_name: str, batch: int, how: str):
@@ -59,6 +78,8 @@ def build(model_name: str, batch: int, how: str):
     from vitboost.parallel.tensor import find_blocks
 
     how, *mods = how.split("+")
+    if set(mods) - MODIFIERS:
+        raise SystemExit(f"unknown modifier(s) {sorted(set(mods) - MODIFIERS)}: use {sorted(MODIFIERS)}")
     if "fp32res" in mods:
         os.environ["VITBOOST_BF16_RESIDUAL"] = "0"
     import torch._inductor.config as ic
@@ -86,6 +107,7 @@ def build(model_name: str, batch: int, how: str):
                 m.__class__ = torch.nn.Conv2d
     if "allbf16" in mods:
         model.to(torch.bfloat16)
+    free_kernels(model, mods)
     plan = make_plan(cfg, device.type, 1, sum(p.numel() for p in model.parameters()), model_dims(model.config))
     if how == "gemini_keep":
         import dataclasses

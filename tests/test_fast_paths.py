@@ -133,3 +133,26 @@ def test_the_engine_trains_and_evaluates_with_the_stream_in_the_compute_dtype(pr
     engine.train_step([(x, y)])
     engine.logits(x)
     assert seen and set(seen) == {stream}
+
+
+def test_speed_levers_bounds_free_exactly_each_blocks_gelu_and_layernorms() -> None:
+    """benchmarks/speed_levers.py's `nogelu` / `nonorm` bounds (BENCHMARKS.md section 34) measure a step
+    without those kernels: every block loses them, nothing else changes, and the model still runs."""
+    import importlib.util
+    from pathlib import Path
+    from vitboost.parallel.tensor import find_blocks
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "speed_levers.py"
+    spec = importlib.util.spec_from_file_location("speed_levers", path)
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    model = _model()
+    blocks = len(find_blocks(model))
+    params = sum(p.numel() for p in model.parameters())
+    assert levers.free_kernels(model, ["nogelu"]) == blocks
+    assert levers.free_kernels(model, ["nonorm"]) == 2 * blocks
+    kinds = {type(m).__name__ for _, b in find_blocks(model) for m in b.modules()}
+    assert "LayerNorm" not in kinds and not any("gelu" in k.lower() for k in kinds)
+    assert isinstance(model.vit.layernorm, torch.nn.LayerNorm)  # the final norm is outside the blocks
+    norms = 2 * blocks * 2 * model.config.hidden_size  # each norm's weight and bias
+    assert sum(p.numel() for p in model.parameters()) == params - norms
+    assert model(pixel_values=torch.randn(1, 3, 32, 32)).logits.isfinite().all()
