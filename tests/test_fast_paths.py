@@ -1,6 +1,7 @@
 """Speed features change speed, never the result."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -71,14 +72,23 @@ def test_the_cli_loads_transformers_without_the_extras_a_vit_never_uses(tmp_path
         assert mark.exists() == imported
 
 
-def _block_inputs(model, x):
-    """The dtype of the hidden states each transformer block receives."""
+@contextlib.contextmanager
+def _block_input_dtypes(model):
+    """Records the dtype of the hidden states each transformer block receives, while inside."""
     from vitboost.parallel.tensor import find_blocks
     seen = []
     hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype)) for _, b in find_blocks(model)]
-    out = model(pixel_values=x).logits
-    for h in hooks:
-        h.remove()
+    try:
+        yield seen
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _block_inputs(model, x):
+    """The dtypes each block receives in one forward, and the logits."""
+    with _block_input_dtypes(model) as seen:
+        out = model(pixel_values=x).logits
     return seen, out
 
 
@@ -118,7 +128,6 @@ def test_the_engine_trains_and_evaluates_with_the_stream_in_the_compute_dtype(pr
     from vitboost.engine import Engine
     from vitboost.parallel.dims import ParallelDims, init_distributed
     from vitboost.parallel.plan import make_plan
-    from vitboost.parallel.tensor import find_blocks
     init_distributed("cpu")
     cfg = make_config({"model": "vit-micro", "pretrained": "none", "batch_size": 2, "mixed_precision": precision,
                        "device": "cpu"})
@@ -126,12 +135,10 @@ def test_the_engine_trains_and_evaluates_with_the_stream_in_the_compute_dtype(pr
     dims.build_mesh("cpu")
     model = _model()
     engine = Engine(model, cfg, dims, make_plan(cfg, "cpu", 1), torch.device("cpu"), soft_cross_entropy)
-    seen = []
-    for _, block in find_blocks(engine.model):
-        block.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
     x, y = torch.randn(2, 3, 32, 32), torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
-    engine.train_step([(x, y)])
-    engine.logits(x)
+    with _block_input_dtypes(engine.model) as seen:
+        engine.train_step([(x, y)])
+        engine.logits(x)
     assert seen and set(seen) == {stream}
 
 
