@@ -37,6 +37,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--json", help="append the row here (JSON lines)")
     args = ap.parse_args()
+    if args.precision and args.plugin.startswith("torch_ddp"):
+        ap.error(f"--precision is for gemini / low_level_zero; {args.plugin} is "
+                 f"{'fp16' if args.plugin == 'torch_ddp_fp16' else 'fp32'} by its name")
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29571"}.items():
         os.environ.setdefault(k, v)  # one process without torchrun
@@ -103,10 +106,11 @@ def main() -> int:
            "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(), "colossalai": colossalai.__version__,
            "torch": torch.__version__, "transformers": transformers.__version__,
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    print("ROW " + json.dumps(row), flush=True)
+    line = json.dumps(row)
+    print("ROW " + line, flush=True)
     if args.json:
         with open(args.json, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(line + "\n")
     return 0
 
 
