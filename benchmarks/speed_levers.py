@@ -78,8 +78,6 @@ def build(model_name: str, batch: int, how: str):
     from vitboost.parallel.tensor import find_blocks
 
     how, *mods = how.split("+")
-    if set(mods) - MODIFIERS:
-        raise SystemExit(f"unknown modifier(s) {sorted(set(mods) - MODIFIERS)}: use {sorted(MODIFIERS)}")
     if "fp32res" in mods:
         os.environ["VITBOOST_BF16_RESIDUAL"] = "0"
     import torch._inductor.config as ic
@@ -223,6 +221,10 @@ def main() -> int:
     ap.add_argument("--json", help="write all rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    for spec in [*args.variants, *([args.one] if args.one else [])]:  # before any process starts
+        unknown = set(spec.split("+")[1:]) - MODIFIERS
+        if unknown:
+            ap.error(f"{spec}: unknown modifier(s) {sorted(unknown)}; use {sorted(MODIFIERS)}")
     if args.one:
         print("ROW " + json.dumps(run_one(args.one, args.steps, args.one in args.profile)), flush=True)
         return 0
