@@ -2,11 +2,15 @@
 the eager step's losses within bf16 noise, under every plugin that runs on one GPU.
 
     python benchmarks/step_parity.py --json results/step_parity.json
+    python benchmarks/step_parity.py --plugins torch_ddp_fp16 --init_scale 1024   # fp16, no step overflowing
 
 Per plugin: the same init and the same 50 batches (4 fixed random batches, cycled, so the loss
 falls), trained once with --compile false --cuda_graph false and once with the defaults a long
 run gets. Reported: what the fast run used, the largest relative loss difference over the steps,
-the final losses, and pass/fail against --tol.
+the final losses, and pass/fail against --tol. Under fp16 also the steps each run skipped: at
+GradScaler's 2**16, eager's fp16 kernels overflow on steps that the compiled ones (fp32 inside fused
+kernels) do not, and the runs part like two seeds; --init_scale low enough that neither overflows
+compares the arithmetic (BENCHMARKS.md section 35).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ PLUGINS = [("torch_ddp", {}), ("torch_ddp_fp16", {}), ("low_level_zero", {"zero_
 
 
 def losses(plugin: str, extra: dict, fast: bool, model: str, batch: int, steps: int,
-           fast_flags: dict | None = None) -> tuple[list[float], list[float], str]:
+           fast_flags: dict | None = None, init_scale: float = 2.0 ** 16) -> tuple[list[float], list[float], str]:
     import torch
     from vitboost.augment import soft_cross_entropy
     from vitboost.config import make_config
@@ -44,6 +48,8 @@ def losses(plugin: str, extra: dict, fast: bool, model: str, batch: int, steps: 
                          device=init_device(device, plugin))
     plan = plan_step(make_plan(cfg, "cuda", 1), cfg, "cuda", 10_000)
     engine = Engine(net, cfg, dims, plan, device, soft_cross_entropy)
+    if engine.scaler is not None:
+        engine.scaler.load_state_dict({**engine.scaler.state_dict(), "scale": init_scale})
     g = torch.Generator(device="cpu").manual_seed(1)
     data = [(torch.randn(batch, 3, 224, 224, generator=g).to(device), torch.randint(0, 10, (batch,), generator=g).to(device))
             for _ in range(4)]
@@ -75,6 +81,9 @@ def main() -> None:
     p.add_argument("--plugins", nargs="*", help="only these (names as in the table, e.g. torch_ddp_fp16)")
     p.add_argument("--fast", default="", help="the fast run's flags instead of a long run's defaults, "
                    "e.g. compile=false,cuda_graph=true")
+    p.add_argument("--init_scale", type=float, default=2.0 ** 16,
+                   help="fp16's first loss scale (GradScaler's 2**16 by default). One low enough that neither run "
+                   "overflows compares the two steps' arithmetic, not which steps each skipped")
     a = p.parse_args()
     from vitboost.parallel.dims import init_distributed
     init_distributed("cuda")
@@ -85,8 +94,9 @@ def main() -> None:
         if a.plugins and name not in a.plugins and plugin not in a.plugins:
             continue
         try:
-            ref, ref_scales, _ = losses(plugin, extra, False, a.model, a.batch_size, a.steps)
-            fast, fast_scales, what = losses(plugin, extra, True, a.model, a.batch_size, a.steps, fast_flags)
+            ref, ref_scales, _ = losses(plugin, extra, False, a.model, a.batch_size, a.steps, None, a.init_scale)
+            fast, fast_scales, what = losses(plugin, extra, True, a.model, a.batch_size, a.steps, fast_flags,
+                                             a.init_scale)
         except Exception as e:
             rows.append({"plugin": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
             print(rows[-1], flush=True)
@@ -96,8 +106,9 @@ def main() -> None:
                      "final_eager": round(ref[-1], 4), "final_fast": round(fast[-1], 4), "pass": rel < a.tol,
                      "eager": [round(x, 5) for x in ref], "fast_losses": [round(x, 5) for x in fast]})
         if ref_scales:  # the steps where either run skipped an update (its loss scale fell)
-            rows[-1]["skipped_eager"] = _skipped(ref_scales)
-            rows[-1]["skipped_fast"] = _skipped(fast_scales)
+            rows[-1]["init_scale"] = a.init_scale
+            rows[-1]["skipped_eager"] = _skipped(ref_scales, a.init_scale)
+            rows[-1]["skipped_fast"] = _skipped(fast_scales, a.init_scale)
             rows[-1]["first_diverged"] = next((i for i, (x, y) in enumerate(zip(fast, ref))
                                                if abs(x - y) / abs(y) > 1e-3), None)
         print({k: v for k, v in rows[-1].items() if k not in ("eager", "fast_losses")}, flush=True)

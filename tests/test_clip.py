@@ -115,6 +115,51 @@ def test_gemini_loss_scale_skips_inf_step_on_every_rank_and_follows_gradscaler_s
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _dtensor_fused_clip_step(device: str) -> dict:
+    """fused_clip_step over DTensor parameters (Shard(0) on a one-rank mesh, as FSDP2 and TP leave them;
+    no collective runs) with a plain-tensor grad_scale and a loss scale on ``device``, against the same
+    step on plain tensors: torch's unscale + clip + unfused AdamW."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh(device, (1,))
+    ref = _model().to(device)
+    params = [nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in ref.parameters()]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, fused=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WD, foreach=False)
+    ls = LossScale(init_scale=2.0 ** 10, device=device)
+    g = torch.Generator().manual_seed(2)
+    rec: dict = {"norms": [], "ref_norms": []}
+    for step in range(3):
+        for p, q in zip(params, ref.parameters()):
+            grad = torch.randn(q.shape, generator=g).to(device) * (float("inf") if step == 1 else 1.0)
+            q.grad = grad.clone()
+            p.grad = distribute_tensor(grad * ls.get_scale(), mesh, [Shard(0)])  # as if the loss were scaled
+        rec["norms"].append(fused_clip_step(opt, params, 0.5, None, ls).item())
+        opt.zero_grad(set_to_none=True)
+        total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        rec["ref_norms"].append(total.item())
+        if step != 1:  # the inf step is skipped
+            ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    rec["params"] = [p.full_tensor().cpu() for p in params]
+    rec["ref_params"] = [q.detach().cpu() for q in ref.parameters()]
+    rec["scale"] = ls.get_scale()
+    return rec
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_fused_clip_step_takes_dtensor_params_with_a_plain_grad_scale(device):
+    """The Engine's step under FSDP2 and TP: DTensor params and grads, the clip factor and the loss scale
+    as plain tensors beside them. Same result as plain tensors; the inf step is skipped, the scale halved."""
+    rec, = run_distributed(_dtensor_fused_clip_step, 1, device)
+    torch.testing.assert_close(rec["norms"], rec["ref_norms"], rtol=1e-5, atol=0)
+    assert rec["norms"][1] == float("inf") and rec["scale"] == 2.0 ** 9
+    for a, b in zip(rec["params"], rec["ref_params"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_scale_defaults_and_state_match_torch_gradscaler():
     ours, theirs = LossScale(), torch.amp.GradScaler("cpu")
     assert ours.state_dict() == theirs.state_dict()
@@ -142,9 +187,11 @@ def test_grad_norm_and_clip_match_torch_on_plain_tensors(norm_type):
     assert grad_norm([]).item() == 0.0
 
 
-def _gemini_engine(device: str, mixed_precision: str, batch_size: int, precision: str | None = None):
-    """A vit-micro Engine under gemini on one rank (max_grad_norm 0.01: the clip is active).
-    ``precision`` overrides the plan's, past the CLI's checks (fp16 on the CPU)."""
+def _engine(device: str, mixed_precision: str, batch_size: int, precision: str | None = None,
+            plugin: str = "gemini", keep_copy: bool = False):
+    """A vit-micro Engine on one rank, gemini unless told (max_grad_norm 0.01: the clip is active).
+    ``precision`` overrides the plan's, past the CLI's checks (fp16 on the CPU). ``keep_copy``:
+    also return a copy of the model as it was before the Engine took it."""
     import dataclasses
 
     from vitboost.augment import soft_cross_entropy
@@ -155,7 +202,7 @@ def _gemini_engine(device: str, mixed_precision: str, batch_size: int, precision
     from vitboost.parallel.plan import make_plan
 
     init_distributed(device)  # a no-op under run_distributed's gloo group
-    cfg = TrainConfig(model="vit-micro", pretrained="none", plugin="gemini", batch_size=batch_size,
+    cfg = TrainConfig(model="vit-micro", pretrained="none", plugin=plugin, batch_size=batch_size,
                       mixed_precision=mixed_precision, max_grad_norm=0.01)
     dims = ParallelDims(1)
     dims.build_mesh(device)
@@ -165,12 +212,14 @@ def _gemini_engine(device: str, mixed_precision: str, batch_size: int, precision
     plan = make_plan(cfg, device, 1)
     if precision is not None:
         plan = dataclasses.replace(plan, precision=precision)
-    return Engine(model, cfg, dims, plan, torch.device(device), soft_cross_entropy)
+    copy = __import__("copy").deepcopy(model) if keep_copy else None
+    engine = Engine(model, cfg, dims, plan, torch.device(device), soft_cross_entropy)
+    return (engine, copy) if keep_copy else engine
 
 
 def _engine_gemini_fp16() -> dict:
     """The Engine wiring: gemini + fp16 gets a LossScale and a fused AdamW; an inf grad skips the step."""
-    engine = _gemini_engine("cpu", "fp32", 4, precision="fp16")
+    engine = _engine("cpu", "fp32", 4, precision="fp16")
     x, y = torch.randn(4, 3, 32, 32), torch.eye(3)[torch.tensor([0, 1, 2, 0])]
     params = engine.params
     start = [p.full_tensor().clone() for p in params]
@@ -192,10 +241,69 @@ def test_engine_gemini_fp16_uses_the_fused_clip_step():
     assert 0 < rec["norm"] < float("inf")
 
 
+def _engine_vs_torch_step(precision: str) -> dict:
+    """torch_ddp on one rank (no wrapper; the step is fused_clip_step) against torch's own step on a
+    copy of the model, fed the Engine's gradients: GradScaler (fp16), clip_grad_norm_, unfused AdamW
+    over the same param groups. Three steps with the clip active, then a batch of NaNs."""
+    engine, ref = _engine("cpu", "fp32", 4, precision=precision, plugin="torch_ddp", keep_copy=True)
+    cfg = engine.cfg
+    from vitboost.engine import param_groups
+    ref_opt = torch.optim.AdamW(param_groups(ref, cfg.weight_decay, cfg.lr, None, 0), lr=cfg.lr, foreach=False,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    ref_params = [p for p in ref.parameters() if p.requires_grad]
+    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+    g = torch.Generator().manual_seed(3)
+    rec: dict = {"norms": [], "ref_norms": [], "scales": [], "ref_scales": [], "scaler": type(engine.scaler).__name__,
+                 "fused": engine.optimizer.defaults.get("fused")}
+    for step in range(4):
+        x = torch.randn(4, 3, 32, 32, generator=g) * (float("nan") if step == 3 else 1.0)
+        y = torch.eye(3)[torch.randint(0, 3, (4,), generator=g)]
+        engine.forward_backward(x, y)
+        for p, q in zip(engine.params, ref_params):  # the same (loss-scaled) gradients
+            q.grad = p.grad.detach().clone()
+        rec["norms"].append(engine.step().item())
+        if scaler is not None:
+            if scaler._scale is None:  # GradScaler.scale() would; the grads were scaled by the Engine
+                scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
+            scaler.unscale_(ref_opt)
+        rec["ref_norms"].append(torch.nn.utils.clip_grad_norm_(ref_params, cfg.max_grad_norm).item())
+        if scaler is not None:
+            scaler.step(ref_opt)
+            scaler.update()
+            rec["scales"].append(engine.scaler.get_scale())
+            rec["ref_scales"].append(scaler.get_scale())
+        elif step < 3:
+            ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        if step < 3 or scaler is not None:
+            rec.setdefault("params", []).append([p.detach().clone() for p in engine.params])
+            rec.setdefault("ref_params", []).append([p.detach().clone() for p in ref_params])
+    return rec
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_engine_step_is_torchs_clip_then_adamw_in_one_fused_pass(precision):
+    """One pass over the grads (norm, then fused AdamW with the clip, unscale and skip inside) gives what
+    torch's three (unscale, clip multiply, step) give from the same gradients, skipped fp16 steps and the
+    loss scale's backoff included."""
+    rec, = run_distributed(_engine_vs_torch_step, 1, precision)
+    assert rec["fused"] and rec["scaler"] == ("LossScale" if precision == "fp16" else "NoneType")
+    finite = [n for n in rec["ref_norms"] if n == n and n != float("inf")]
+    assert len(finite) >= 2 and min(finite) > 0.01 * 10, "the clip (max_grad_norm 0.01) must be active"
+    torch.testing.assert_close(rec["norms"], rec["ref_norms"], rtol=1e-5, atol=0, equal_nan=True)
+    for got, want in zip(rec["params"], rec["ref_params"]):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    if precision == "fp16":  # which finite batch overflows at 2**16 depends on the CPU's fp16 kernels
+        assert rec["scales"] == rec["ref_scales"], "the same steps skipped, the same scale after each"
+        assert rec["scales"][3] == rec["scales"][2] / 2, "the NaN batch halves the scale"
+        assert all(torch.equal(a, b) for a, b in zip(rec["params"][3], rec["params"][2])), "NaN step skipped"
+
+
 def _gemini_norms(device: str = "cuda") -> list[tuple[float, float]]:
     """(the Engine's norm, grad_norm over the offloaded grads) for three gemini bf16 steps: on CUDA
     the norm is summed in the reduce stream and read after FSDP's end of backward."""
-    engine = _gemini_engine(device, "bf16", 8)
+    engine = _engine(device, "bf16", 8)
     assert engine.reduced_norm is not None
     pairs = []
     for _ in range(3):

@@ -86,8 +86,9 @@ class GraphedStep:
 def graph_unsupported_reason(*, device_type: str, data_parallel: str, tp: int, pp: int, cpu_offload: bool,
                              grad_accum: int) -> str | None:
     """Why the step cannot be one CUDA graph here, or None when it can. fp16 is captured too:
-    GradScaler with fused AdamW keeps its inf check, skipped steps and scale update on the device
-    (the GPU check matched eager's losses and skipped steps exactly, BENCHMARKS.md section 19)."""
+    the loss scale, its inf check, skipped steps and scale update stay on the device, inside fused
+    AdamW (fused_clip_step; the GPU check matched eager's losses and skipped steps exactly, BENCHMARKS.md
+    sections 19 and 35)."""
     if device_type != "cuda":
         return "no CUDA device"
     if data_parallel != "none" or tp > 1 or pp > 1 or cpu_offload:

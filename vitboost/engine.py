@@ -108,10 +108,10 @@ class Engine:
                               _unwrap(self.model).config.num_hidden_layers)
         kw: dict = dict(lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_epsilon)
         sharded_fp16 = self.plan.precision == "fp16" and self._sharded_scaler and not self.plan.cpu_offload
-        if (self.device.type == "cuda" or self.plan.cpu_offload) and not sharded_fp16:
-            # fused: one kernel for all params on GPU; on CPU (gemini) a vectorized, multi-threaded step that
-            # also applies the clip and fp16's unscale (fused_clip_step). Not with ShardedGradScaler: it hands
-            # fused Adam a found_inf of shape [1], which it rejects.
+        if not sharded_fp16:
+            # fused: one kernel for all params on GPU, a vectorized, multi-threaded step on the CPU. It also
+            # applies the clip and fp16's unscale and inf/nan skip (fused_clip_step). Not with
+            # ShardedGradScaler: it hands fused Adam a found_inf of shape [1], which it rejects.
             kw["fused"] = True
         if self.plan.zero1:
             from .parallel.zero import zero1_optimizer  # torch.distributed.optim: ~0.2 s of imports, for ZeRO-1 only
@@ -121,15 +121,21 @@ class Engine:
     def _build_scaler(self):
         if self.plan.precision != "fp16":
             return None
-        if self.plan.cpu_offload:
-            # gemini: the scale lives on the CPU with the grads; unscale, clip and the inf/nan skip all
-            # ride in the fused CPU AdamW step (fused_clip_step), every rank agreeing through the global norm
-            return LossScale()
+        if self._fused_clip:
+            # unscale, clip and the inf/nan skip ride in the fused AdamW step (fused_clip_step), every rank
+            # agreeing through the global norm; the scale lives with the step: on the CPU for gemini's
+            # offloaded one, else on the device (no sync, capturable)
+            return LossScale(device="cpu" if self.plan.cpu_offload else self.device)
         if self._sharded_scaler:
             # sharded grads: every rank must agree on inf/nan, so the check is all-reduced
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
             return ShardedGradScaler(init_scale=2.0 ** 16, process_group=dist.group.WORLD)
         return torch.amp.GradScaler(self.device.type)
+
+    @property
+    def _fused_clip(self) -> bool:
+        """A plain fused AdamW (not ZeRO-1's wrapper around one) takes the clip into its step."""
+        return isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
 
     @property
     def _sharded_scaler(self) -> bool:
@@ -196,12 +202,12 @@ class Engine:
         """Clip, step, zero grads. Returns the global grad norm (a device tensor: no host sync)."""
         # the global norm over TP/FSDP shards and all pipeline stages; max_grad_norm <= 0: measure only
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        if self.plan.cpu_offload:
-            # gemini: the clip factor (and fp16's unscale and inf/nan skip) rides in the fused CPU AdamW:
-            # one pass over the offloaded grads instead of two or three (README, benchmarks/cpu_step.py)
+        if self._fused_clip:
+            # the clip factor (and fp16's unscale and inf/nan skip) rides in the fused AdamW: the norm and
+            # the step read the grads, nothing else does (README; BENCHMARKS.md section 35)
             norm = fused_clip_step(self.optimizer, self.params, max_norm, self.pp_group, self.scaler,
                                    norm=self.reduced_norm.pop() if self.reduced_norm is not None else None)
-        elif self.scaler is not None:
+        elif self.scaler is not None:  # ZeRO-1's wrapped optimizer, or sharded fp16 (unfused AdamW)
             self.scaler.unscale_(self.optimizer)
             norm = clip_grad_norm_(self.params, max_norm, self.pp_group)
             self.scaler.step(self.optimizer)

@@ -10,10 +10,11 @@ Two ways to apply the clip:
 
 - :func:`clip_grad_norm_`: norm, then a multiply over every gradient (torch's semantics,
   any optimizer, CUDA-graph capturable: nothing leaves the device).
-- :func:`fused_clip_step`: for a fused AdamW on the CPU (gemini's offloaded step). The clip
-  factor (and, under fp16, the loss-scale unscale and the inf/nan skip) is handed to the
-  fused kernel as ``grad_scale`` / ``found_inf``: one pass over the CPU gradients instead of
-  two (three with fp16's unscale). ``benchmarks/cpu_step.py`` measures it.
+- :func:`fused_clip_step`: for a fused AdamW, on the GPU or the CPU (gemini's offloaded step). The
+  clip factor (and, under fp16, the loss-scale unscale and the inf/nan skip) is handed to the
+  fused kernel as ``grad_scale`` / ``found_inf``: the norm reads the gradients, AdamW reads them,
+  and nothing else touches them (torch's way adds a multiply over them, fp16's unscale another).
+  ``benchmarks/cpu_step.py`` measures it on the CPU, BENCHMARKS.md section 35 on the GPU.
 """
 from __future__ import annotations
 
@@ -130,19 +131,22 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float,
 
 class LossScale:
     """Dynamic fp16 loss scale with torch's GradScaler defaults and state_dict format
-    (init 2**16, x2 after ``growth_interval`` steps without inf/nan, x0.5 on one), kept on the CPU
-    where gemini's optimizer reads it. The inf/nan check is ``fused_clip_step``'s: the global
-    gradient norm is finite exactly when every gradient on every rank is (bar fp32 overflow of a
-    norm beyond ~1e19), so all ranks agree without a separate all-reduce."""
+    (init 2**16, x2 after ``growth_interval`` steps without inf/nan, x0.5 on one), kept where the
+    optimizer reads it: on the GPU beside the gradients, or on the CPU for gemini's offloaded step.
+    The inf/nan check is ``fused_clip_step``'s: the global gradient norm is finite exactly when
+    every gradient on every rank is (bar fp32 overflow of a norm beyond ~1e19), so all ranks agree
+    without a separate all-reduce, and nothing waits for the host (a CUDA graph captures it all)."""
 
     def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000):
-        self._scale = torch.full((), float(init_scale), dtype=torch.float32)
-        self._growth_tracker = torch.zeros((), dtype=torch.int32)
+                 growth_interval: int = 2000, device: torch.device | str = "cpu"):
+        self._scale = torch.full((), float(init_scale), dtype=torch.float32, device=device)
+        self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
         self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
 
     def scale(self, loss: Tensor) -> Tensor:
-        return loss * self._scale.item()  # a CPU float: no host-to-device copy, no sync
+        if self._scale.device.type == "cpu" and loss.device.type != "cpu":
+            return loss * self._scale.item()  # a CPU float: no host-to-device copy, no sync
+        return loss * self._scale
 
     def get_scale(self) -> float:
         return self._scale.item()

@@ -6,7 +6,7 @@ training loop never branches on the strategy.
 | plugin            | data parallel          | extras                                   |
 |-------------------|------------------------|------------------------------------------|
 | torch_ddp         | DDP                    |                                          |
-| torch_ddp_fp16    | DDP                    | fp16 autocast + GradScaler               |
+| torch_ddp_fp16    | DDP                    | fp16 autocast + loss scale               |
 | low_level_zero 1  | DDP                    | ZeroRedundancyOptimizer (Adam states/dp) |
 | low_level_zero 2  | FSDP2, no reshard      | grads + Adam states sharded              |
 | fsdp              | FSDP2                  | params + grads + states sharded (ZeRO-3) |
