@@ -188,11 +188,13 @@ def test_grad_norm_and_clip_match_torch_on_plain_tensors(norm_type):
 
 
 def _engine(device: str, mixed_precision: str, batch_size: int, precision: str | None = None,
-            plugin: str = "gemini", keep_copy: bool = False):
-    """A vit-micro Engine on one rank, gemini unless told (max_grad_norm 0.01: the clip is active).
+            plugin: str = "gemini", keep_copy: bool = False, tp: int = 1):
+    """A vit-micro Engine on this process's ranks, gemini unless told (max_grad_norm 0.01: the clip is active).
     ``precision`` overrides the plan's, past the CLI's checks (fp16 on the CPU). ``keep_copy``:
     also return a copy of the model as it was before the Engine took it."""
     import dataclasses
+
+    import torch.distributed as dist
 
     from vitboost.augment import soft_cross_entropy
     from vitboost.config import TrainConfig
@@ -202,14 +204,15 @@ def _engine(device: str, mixed_precision: str, batch_size: int, precision: str |
     from vitboost.parallel.plan import make_plan
 
     init_distributed(device)  # a no-op under run_distributed's gloo group
+    world = dist.get_world_size()
     cfg = TrainConfig(model="vit-micro", pretrained="none", plugin=plugin, batch_size=batch_size,
-                      mixed_precision=mixed_precision, max_grad_norm=0.01)
-    dims = ParallelDims(1)
+                      mixed_precision=mixed_precision, max_grad_norm=0.01, tp_size=tp)
+    dims = ParallelDims(world, tp=tp)
     dims.build_mesh(device)
     torch.manual_seed(0)
     model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None,
                            device=torch.device("cpu"))
-    plan = make_plan(cfg, device, 1)
+    plan = make_plan(cfg, device, world)
     if precision is not None:
         plan = dataclasses.replace(plan, precision=precision)
     copy = __import__("copy").deepcopy(model) if keep_copy else None
@@ -241,32 +244,48 @@ def test_engine_gemini_fp16_uses_the_fused_clip_step():
     assert 0 < rec["norm"] < float("inf")
 
 
-def _engine_vs_torch_step(precision: str) -> dict:
-    """torch_ddp on one rank (no wrapper; the step is fused_clip_step) against torch's own step on a
-    copy of the model, fed the Engine's gradients: GradScaler (fp16), clip_grad_norm_, unfused AdamW
-    over the same param groups. Three steps with the clip active, then a batch of NaNs."""
-    engine, ref = _engine("cpu", "fp32", 4, precision=precision, plugin="torch_ddp", keep_copy=True)
-    cfg = engine.cfg
-    from vitboost.engine import param_groups
+def _engine_vs_torch_step(precision: str, plugin: str = "torch_ddp", tp: int = 1) -> dict:
+    """The Engine's step (fused_clip_step) against torch's own on a whole copy of the model on every rank,
+    fed the Engine's gradients, gathered whole: GradScaler (fp16), clip_grad_norm_, unfused AdamW over the
+    same param groups. Three steps with the clip active, then a batch of NaNs (on the last rank only, when
+    data parallel splits the batch: every rank must still skip)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from vitboost.engine import _unwrap, param_groups
+
+    engine, ref = _engine("cpu", "fp32", 4, precision=precision, plugin=plugin, keep_copy=True, tp=tp)
+    cfg, world = engine.cfg, dist.get_world_size()
+    dp, dp_rank = engine.dims.dp, engine.dims.mesh["dp"].get_local_rank()
     ref_opt = torch.optim.AdamW(param_groups(ref, cfg.weight_decay, cfg.lr, None, 0), lr=cfg.lr, foreach=False,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    ref_params = [p for p in ref.parameters() if p.requires_grad]
-    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+    ours = dict(_unwrap(engine.model).named_parameters())
+    theirs = dict(ref.named_parameters())
+    assert ours.keys() == theirs.keys()
+    whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+    scaler = None
+    if precision == "fp16":  # 2**8: vit-micro's fp16 forward (fp16 params under FSDP) overflows often at 2**16
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        engine.scaler.load_state_dict({**engine.scaler.state_dict(), "scale": 2.0 ** 8})
     g = torch.Generator().manual_seed(3)
     rec: dict = {"norms": [], "ref_norms": [], "scales": [], "ref_scales": [], "scaler": type(engine.scaler).__name__,
-                 "fused": engine.optimizer.defaults.get("fused")}
+                 "fused": engine.optimizer.defaults.get("fused"), "dtensor": isinstance(engine.params[0], DTensor)}
+    per = 4 // dp
     for step in range(4):
-        x = torch.randn(4, 3, 32, 32, generator=g) * (float("nan") if step == 3 else 1.0)
+        x = torch.randn(4, 3, 32, 32, generator=g)
         y = torch.eye(3)[torch.randint(0, 3, (4,), generator=g)]
+        x, y = x[dp_rank * per:(dp_rank + 1) * per].clone(), y[dp_rank * per:(dp_rank + 1) * per]
+        if step == 3 and dp_rank == dp - 1:
+            x *= float("nan")
         engine.forward_backward(x, y)
-        for p, q in zip(engine.params, ref_params):  # the same (loss-scaled) gradients
-            q.grad = p.grad.detach().clone()
+        for name, q in theirs.items():  # the same (loss-scaled, data-parallel-averaged) gradients, whole
+            q.grad = whole(ours[name].grad).detach().clone()
         rec["norms"].append(engine.step().item())
         if scaler is not None:
             if scaler._scale is None:  # GradScaler.scale() would; the grads were scaled by the Engine
                 scaler._lazy_init_scale_growth_tracker(torch.device("cpu"))
             scaler.unscale_(ref_opt)
-        rec["ref_norms"].append(torch.nn.utils.clip_grad_norm_(ref_params, cfg.max_grad_norm).item())
+        rec["ref_norms"].append(torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.max_grad_norm).item())
         if scaler is not None:
             scaler.step(ref_opt)
             scaler.update()
@@ -276,28 +295,34 @@ def _engine_vs_torch_step(precision: str) -> dict:
             ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
         if step < 3 or scaler is not None:
-            rec.setdefault("params", []).append([p.detach().clone() for p in engine.params])
-            rec.setdefault("ref_params", []).append([p.detach().clone() for p in ref_params])
+            rec.setdefault("params", []).append({n: whole(p).detach().clone() for n, p in ours.items()})
+            rec.setdefault("ref_params", []).append({n: p.detach().clone() for n, p in theirs.items()})
+    rec["world"] = world
     return rec
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_engine_step_is_torchs_clip_then_adamw_in_one_fused_pass(precision):
+@pytest.mark.parametrize("plugin, world, tp", [("torch_ddp", 1, 1), ("fsdp", 2, 1), ("hybrid_parallel", 2, 2)],
+                         ids=["one_rank", "fsdp_dp2", "tp2"])
+def test_engine_step_is_torchs_clip_then_adamw_in_one_fused_pass(precision, plugin, world, tp):
     """One pass over the grads (norm, then fused AdamW with the clip, unscale and skip inside) gives what
     torch's three (unscale, clip multiply, step) give from the same gradients, skipped fp16 steps and the
-    loss scale's backoff included."""
-    rec, = run_distributed(_engine_vs_torch_step, 1, precision)
-    assert rec["fused"] and rec["scaler"] == ("LossScale" if precision == "fp16" else "NoneType")
-    finite = [n for n in rec["ref_norms"] if n == n and n != float("inf")]
-    assert len(finite) >= 2 and min(finite) > 0.01 * 10, "the clip (max_grad_norm 0.01) must be active"
-    torch.testing.assert_close(rec["norms"], rec["ref_norms"], rtol=1e-5, atol=0, equal_nan=True)
-    for got, want in zip(rec["params"], rec["ref_params"]):
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    if precision == "fp16":  # which finite batch overflows at 2**16 depends on the CPU's fp16 kernels
-        assert rec["scales"] == rec["ref_scales"], "the same steps skipped, the same scale after each"
-        assert rec["scales"][3] == rec["scales"][2] / 2, "the NaN batch halves the scale"
-        assert all(torch.equal(a, b) for a, b in zip(rec["params"][3], rec["params"][2])), "NaN step skipped"
+    loss scale's backoff included; sharded (FSDP, TP: DTensor params) as on one rank, with no
+    ShardedGradScaler: a NaN on one data-parallel rank's batch skips the step on every rank."""
+    for rec in run_distributed(_engine_vs_torch_step, world, precision, plugin, tp):
+        assert rec["fused"] and rec["scaler"] == ("LossScale" if precision == "fp16" else "NoneType")
+        assert rec["dtensor"] == (world > 1)
+        finite = [n for n in rec["ref_norms"] if n == n and n != float("inf")]
+        assert len(finite) >= 2 and min(finite) > 0.01 * 10, "the clip (max_grad_norm 0.01) must be active"
+        torch.testing.assert_close(rec["norms"], rec["ref_norms"], rtol=1e-5, atol=0, equal_nan=True)
+        for got, want in zip(rec["params"], rec["ref_params"]):
+            for name in want:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+        if precision == "fp16":  # whether a finite batch overflows depends on the CPU's fp16 kernels
+            assert rec["scales"] == rec["ref_scales"], "the same steps skipped, the same scale after each"
+            assert rec["scales"][3] == rec["scales"][2] / 2, "the NaN batch halves the scale"
+            assert all(torch.equal(rec["params"][3][n], rec["params"][2][n]) for n in rec["params"][3]), \
+                "the NaN step is skipped"
 
 
 def _gemini_norms(device: str = "cuda") -> list[tuple[float, float]]:

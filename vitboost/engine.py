@@ -17,7 +17,6 @@ import re
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .best import BestWeights
@@ -107,12 +106,11 @@ class Engine:
         groups = param_groups(self.model, self.cfg.weight_decay, self.cfg.lr, self.cfg.layer_decay,
                               _unwrap(self.model).config.num_hidden_layers)
         kw: dict = dict(lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_epsilon)
-        sharded_fp16 = self.plan.precision == "fp16" and self._sharded_scaler and not self.plan.cpu_offload
-        if not sharded_fp16:
-            # fused: one kernel for all params on GPU, a vectorized, multi-threaded step on the CPU. It also
-            # applies the clip and fp16's unscale and inf/nan skip (fused_clip_step). Not with
-            # ShardedGradScaler: it hands fused Adam a found_inf of shape [1], which it rejects.
-            kw["fused"] = True
+        # fused: one kernel for all params on GPU, a vectorized, multi-threaded step on the CPU, over plain
+        # tensors or DTensors (FSDP, TP). It also applies the clip and fp16's unscale and inf/nan skip
+        # (fused_clip_step), which is why sharded fp16 needs no ShardedGradScaler (whose found_inf of shape
+        # [1] fused Adam rejected: sharded fp16 ran an unfused AdamW until session 20)
+        kw["fused"] = True
         if self.plan.zero1:
             from .parallel.zero import zero1_optimizer  # torch.distributed.optim: ~0.2 s of imports, for ZeRO-1 only
             return zero1_optimizer(groups, self.dims.mesh["dp"], **kw)
@@ -122,24 +120,18 @@ class Engine:
         if self.plan.precision != "fp16":
             return None
         if self._fused_clip:
-            # unscale, clip and the inf/nan skip ride in the fused AdamW step (fused_clip_step), every rank
-            # agreeing through the global norm; the scale lives with the step: on the CPU for gemini's
+            # unscale, clip and the inf/nan skip ride in the fused AdamW step (fused_clip_step); every rank
+            # of every layout agrees through the global norm (over FSDP/TP shards and pp stages), so sharded
+            # grads need no all-reduce of their own. The scale lives with the step: on the CPU for gemini's
             # offloaded one, else on the device (no sync, capturable)
             return LossScale(device="cpu" if self.plan.cpu_offload else self.device)
-        if self._sharded_scaler:
-            # sharded grads: every rank must agree on inf/nan, so the check is all-reduced
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-            return ShardedGradScaler(init_scale=2.0 ** 16, process_group=dist.group.WORLD)
+        # ZeRO-1: ZeroRedundancyOptimizer wraps the AdamW; DDP's grads are whole and alike on every rank
         return torch.amp.GradScaler(self.device.type)
 
     @property
     def _fused_clip(self) -> bool:
         """A plain fused AdamW (not ZeRO-1's wrapper around one) takes the clip into its step."""
         return isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
-
-    @property
-    def _sharded_scaler(self) -> bool:
-        return self.plan.data_parallel == "fsdp" or self.dims.pp_enabled or self.dims.tp_enabled
 
     def autocast(self):
         if self.plan.dtype is None:
@@ -207,7 +199,7 @@ class Engine:
             # the step read the grads, nothing else does (README; BENCHMARKS.md section 35)
             norm = fused_clip_step(self.optimizer, self.params, max_norm, self.pp_group, self.scaler,
                                    norm=self.reduced_norm.pop() if self.reduced_norm is not None else None)
-        elif self.scaler is not None:  # ZeRO-1's wrapped optimizer, or sharded fp16 (unfused AdamW)
+        elif self.scaler is not None:  # ZeRO-1's wrapped optimizer
             self.scaler.unscale_(self.optimizer)
             norm = clip_grad_norm_(self.params, max_norm, self.pp_group)
             self.scaler.step(self.optimizer)
