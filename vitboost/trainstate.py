@@ -21,7 +21,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     augment: Any  # TrainBatches: the augmentation's generators (as of the current chunk's start) are part of the stream
     device: torch.device
-    scaler: Any = None  # GradScaler under fp16
+    scaler: Any = None  # the fp16 loss scale: LossScale (GradScaler under ZeRO-1), one state format
     best: Any = None  # BestWeights under --load_best_model_at_end: which validation was best (its tensors go to DCP)
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epochs completed
