@@ -188,7 +188,7 @@ def test_grad_norm_and_clip_match_torch_on_plain_tensors(norm_type):
 
 
 def _engine(device: str, mixed_precision: str, batch_size: int, precision: str | None = None,
-            plugin: str = "gemini", keep_copy: bool = False, tp: int = 1):
+            plugin: str = "gemini", keep_copy: bool = False, tp: int = 1, pp: int = 1):
     """A vit-micro Engine on this process's ranks, gemini unless told (max_grad_norm 0.01: the clip is active).
     ``precision`` overrides the plan's, past the CLI's checks (fp16 on the CPU). ``keep_copy``:
     also return a copy of the model as it was before the Engine took it."""
@@ -206,8 +206,8 @@ def _engine(device: str, mixed_precision: str, batch_size: int, precision: str |
     init_distributed(device)  # a no-op under run_distributed's gloo group
     world = dist.get_world_size()
     cfg = TrainConfig(model="vit-micro", pretrained="none", plugin=plugin, batch_size=batch_size,
-                      mixed_precision=mixed_precision, max_grad_norm=0.01, tp_size=tp)
-    dims = ParallelDims(world, tp=tp)
+                      mixed_precision=mixed_precision, max_grad_norm=0.01, tp_size=tp, pp_size=pp)
+    dims = ParallelDims(world, tp=tp, pp=pp)
     dims.build_mesh(device)
     torch.manual_seed(0)
     model, _ = build_model("vit-micro", ["a", "b", "c"], pretrained="none", log=lambda *a: None,
@@ -244,25 +244,32 @@ def test_engine_gemini_fp16_uses_the_fused_clip_step():
     assert 0 < rec["norm"] < float("inf")
 
 
-def _engine_vs_torch_step(precision: str, plugin: str = "torch_ddp", tp: int = 1) -> dict:
+def _engine_vs_torch_step(precision: str, plugin: str = "torch_ddp", tp: int = 1, pp: int = 1) -> dict:
     """The Engine's step (fused_clip_step) against torch's own on a whole copy of the model on every rank,
-    fed the Engine's gradients, gathered whole: GradScaler (fp16), clip_grad_norm_, unfused AdamW over the
-    same param groups. Three steps with the clip active, then a batch of NaNs (on the last rank only, when
-    data parallel splits the batch: every rank must still skip)."""
+    fed the Engine's gradients, gathered whole (from every shard and pipeline stage): GradScaler (fp16),
+    clip_grad_norm_, unfused AdamW over the same param groups. Three steps with the clip active, then a
+    batch of NaNs (on the last rank only, when data parallel splits the batch: every rank must still skip)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     from vitboost.engine import _unwrap, param_groups
 
-    engine, ref = _engine("cpu", "fp32", 4, precision=precision, plugin=plugin, keep_copy=True, tp=tp)
+    engine, ref = _engine("cpu", "fp32", 4, precision=precision, plugin=plugin, keep_copy=True, tp=tp, pp=pp)
     cfg, world = engine.cfg, dist.get_world_size()
     dp, dp_rank = engine.dims.dp, engine.dims.mesh["dp"].get_local_rank()
     ref_opt = torch.optim.AdamW(param_groups(ref, cfg.weight_decay, cfg.lr, None, 0), lr=cfg.lr, foreach=False,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
-    ours = dict(_unwrap(engine.model).named_parameters())
+    ours = dict(_unwrap(engine.model).named_parameters())  # a pipeline stage holds some of them
     theirs = dict(ref.named_parameters())
-    assert ours.keys() == theirs.keys()
-    whole = lambda t: t.full_tensor() if isinstance(t, DTensor) else t  # noqa: E731
+
+    def whole(tensors: dict) -> dict:
+        """Each tensor whole (DTensor shards gathered), from every rank's pipeline stage."""
+        mine = {n: (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone() for n, t in tensors.items()}
+        parts: list = [None] * world
+        dist.all_gather_object(parts, mine)
+        return {n: t for part in parts for n, t in part.items()}
+
+    assert whole(ours).keys() == theirs.keys()
     scaler = None
     if precision == "fp16":  # 2**8: vit-micro's fp16 forward (fp16 params under FSDP) overflows often at 2**16
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
@@ -278,8 +285,9 @@ def _engine_vs_torch_step(precision: str, plugin: str = "torch_ddp", tp: int = 1
         if step == 3 and dp_rank == dp - 1:
             x *= float("nan")
         engine.forward_backward(x, y)
+        grads = whole({n: p.grad for n, p in ours.items()})
         for name, q in theirs.items():  # the same (loss-scaled, data-parallel-averaged) gradients, whole
-            q.grad = whole(ours[name].grad).detach().clone()
+            q.grad = grads[name]
         rec["norms"].append(engine.step().item())
         if scaler is not None:
             if scaler._scale is None:  # GradScaler.scale() would; the grads were scaled by the Engine
@@ -295,23 +303,24 @@ def _engine_vs_torch_step(precision: str, plugin: str = "torch_ddp", tp: int = 1
             ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
         if step < 3 or scaler is not None:
-            rec.setdefault("params", []).append({n: whole(p).detach().clone() for n, p in ours.items()})
+            rec.setdefault("params", []).append(whole(ours))
             rec.setdefault("ref_params", []).append({n: p.detach().clone() for n, p in theirs.items()})
     rec["world"] = world
     return rec
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("plugin, world, tp", [("torch_ddp", 1, 1), ("fsdp", 2, 1), ("hybrid_parallel", 2, 2)],
-                         ids=["one_rank", "fsdp_dp2", "tp2"])
-def test_engine_step_is_torchs_clip_then_adamw_in_one_fused_pass(precision, plugin, world, tp):
+@pytest.mark.parametrize("plugin, world, tp, pp", [("torch_ddp", 1, 1, 1), ("fsdp", 2, 1, 1),
+                                                   ("hybrid_parallel", 2, 2, 1), ("hybrid_parallel", 2, 1, 2)],
+                         ids=["one_rank", "fsdp_dp2", "tp2", "pp2"])
+def test_engine_step_is_torchs_clip_then_adamw_in_one_fused_pass(precision, plugin, world, tp, pp):
     """One pass over the grads (norm, then fused AdamW with the clip, unscale and skip inside) gives what
     torch's three (unscale, clip multiply, step) give from the same gradients, skipped fp16 steps and the
     loss scale's backoff included; sharded (FSDP, TP: DTensor params) as on one rank, with no
     ShardedGradScaler: a NaN on one data-parallel rank's batch skips the step on every rank."""
-    for rec in run_distributed(_engine_vs_torch_step, world, precision, plugin, tp):
+    for rec in run_distributed(_engine_vs_torch_step, world, precision, plugin, tp, pp):
         assert rec["fused"] and rec["scaler"] == ("LossScale" if precision == "fp16" else "NoneType")
-        assert rec["dtensor"] == (world > 1)
+        assert rec["dtensor"] == (plugin == "fsdp" or tp > 1)
         finite = [n for n in rec["ref_norms"] if n == n and n != float("inf")]
         assert len(finite) >= 2 and min(finite) > 0.01 * 10, "the clip (max_grad_norm 0.01) must be active"
         torch.testing.assert_close(rec["norms"], rec["ref_norms"], rtol=1e-5, atol=0, equal_nan=True)

@@ -61,3 +61,13 @@ def test_a_data_parallel_group_of_one_gets_no_wrapper(plugin, extra, world):
 def test_gemini_keeps_its_cpu_offload_on_one_gpu():
     plan = make_plan(TrainConfig(plugin="gemini"), "cpu", 1)
     assert plan.data_parallel == "fsdp" and plan.cpu_offload
+
+
+def test_fp16_runs_under_every_gpu_layout_pipeline_included():
+    """fp16 under pp was refused until session 20: GradScaler makes its scale on the first scale() call, which
+    only the last stage's loss makes, so stage 0 failed while stage 1 waited on NCCL. LossScale exists on every
+    rank from the start (tests/test_clip.py runs the pp=2 fp16 step on 2 ranks)."""
+    for extra in ({"pp_size": 2}, {"tp_size": 2}, {"tp_size": 2, "pp_size": 2}):
+        world = extra.get("tp_size", 1) * extra.get("pp_size", 1)
+        plan = make_plan(TrainConfig(plugin="hybrid_parallel", mixed_precision="fp16", **extra), "cuda", world)
+        assert plan.precision == "fp16"

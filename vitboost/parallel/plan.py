@@ -74,9 +74,6 @@ def _plugin_plan(cfg: TrainConfig, device_type: str, world_size: int, num_params
         plugin, reason = choose_auto(cfg, device_type, world_size, num_params, model_dims)
         zero_stage = 2
     precision = resolve_precision(cfg.mixed_precision, plugin, device_type)
-    if precision == "fp16" and cfg.pp_size > 1:
-        raise ConfigError("fp16 loss scaling under pipeline parallel is not supported (it hung on NCCL in our GPU "
-                          "check); use --mixed_precision bf16 with --pp_size > 1")
     if plugin in ("torch_ddp", "torch_ddp_fp16"):
         return Plan(plugin, "ddp", precision, reason=reason)
     if plugin == "low_level_zero":
