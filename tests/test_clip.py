@@ -1,14 +1,18 @@
-"""Gradient clipping (vitboost.parallel.clip): the global norm, and gemini's fused clip step.
+"""Gradient clipping (vitboost.parallel.clip): the global norm, and the fused clip step.
 
-Gemini folds the clip factor (and fp16's loss-scale unscale and inf/nan skip) into the fused
-CPU AdamW as ``grad_scale``/``found_inf``. It must give the parameters of the unfused reference
+Every step with a plain fused AdamW (gemini's offloaded one on the CPU, and every other layout's) folds
+the clip factor (and fp16's loss-scale unscale and inf/nan skip) into the fused AdamW as
+``grad_scale``/``found_inf``. For gemini it must give the parameters of the unfused reference
 (norm, clip multiply, AdamW) on one process, with clipping active and inactive; under a loss
 scale a step with an inf gradient on ONE rank is skipped on every rank and halves the scale,
 and ``growth_interval`` good steps double it (torch GradScaler's schedule). All of it holds with
 the norm read back over the offloaded gradients and with the norm summed as FSDP reduces them
-(``ReducedGradNorm``, what the Engine uses).
+(``ReducedGradNorm``, what the Engine uses). For the other layouts (one rank, FSDP, TP, PP) the
+Engine's step must give what torch's unscale + clip + AdamW give from the same gradients.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -215,9 +219,9 @@ def _engine(device: str, mixed_precision: str, batch_size: int, precision: str |
     plan = make_plan(cfg, device, world)
     if precision is not None:
         plan = dataclasses.replace(plan, precision=precision)
-    copy = __import__("copy").deepcopy(model) if keep_copy else None
+    before = copy.deepcopy(model) if keep_copy else None
     engine = Engine(model, cfg, dims, plan, torch.device(device), soft_cross_entropy)
-    return (engine, copy) if keep_copy else engine
+    return (engine, before) if keep_copy else engine
 
 
 def _engine_gemini_fp16() -> dict:

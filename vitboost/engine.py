@@ -105,12 +105,12 @@ class Engine:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         groups = param_groups(self.model, self.cfg.weight_decay, self.cfg.lr, self.cfg.layer_decay,
                               _unwrap(self.model).config.num_hidden_layers)
-        kw: dict = dict(lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_epsilon)
         # fused: one kernel for all params on GPU, a vectorized, multi-threaded step on the CPU, over plain
         # tensors or DTensors (FSDP, TP). It also applies the clip and fp16's unscale and inf/nan skip
         # (fused_clip_step), which is why sharded fp16 needs no ShardedGradScaler (whose found_inf of shape
         # [1] fused Adam rejected: sharded fp16 ran an unfused AdamW until session 20)
-        kw["fused"] = True
+        kw = dict(lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), eps=self.cfg.adam_epsilon,
+                  fused=True)
         if self.plan.zero1:
             from .parallel.zero import zero1_optimizer  # torch.distributed.optim: ~0.2 s of imports, for ZeRO-1 only
             return zero1_optimizer(groups, self.dims.mesh["dp"], **kw)
