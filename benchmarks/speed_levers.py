@@ -17,8 +17,8 @@ A variant is MODEL:BATCH:HOW, where HOW is one of
   gemini, gemini_fp16, gemini_keep     --plugin gemini on one GPU (bf16, fp16; keep: params stay gathered
                between forward and backward instead of a second host-to-device copy)
 HOW may carry modifiers after a '+' (e.g. blocks+fp32res+cdt):
-  fp32res      the residual stream as plain autocast leaves it, fp32 (VITBOOST_BF16_RESIDUAL=0); by default
-               it is bf16 (model.bf16_residual_stream)
+  fp32res      the residual stream as plain autocast leaves it, fp32 (VITBOOST_RESIDUAL_FP32=1); by default
+               it is in the autocast dtype (model.low_precision_residual_stream)
   allbf16      the whole model's parameters in bf16 (an upper bound: AdamW on bf16 weights, no master copy)
   tma          Inductor's persistent TMA matmul templates (Hopper) beside cuBLAS, with max-autotune
   cdt          Inductor's coordinate-descent tuning of its Triton kernels
@@ -79,7 +79,7 @@ def build(model_name: str, batch: int, how: str):
 
     how, *mods = how.split("+")
     if "fp32res" in mods:
-        os.environ["VITBOOST_BF16_RESIDUAL"] = "0"
+        os.environ["VITBOOST_RESIDUAL_FP32"] = "1"
     import torch._inductor.config as ic
     if "tma" in mods:
         ic.triton.enable_persistent_tma_matmul = True

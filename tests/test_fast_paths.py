@@ -92,37 +92,39 @@ def _block_inputs(model, x):
     return seen, out
 
 
-def test_under_bf16_autocast_the_residual_stream_between_blocks_is_bf16() -> None:
-    from vitboost.model import bf16_residual_stream
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_low_precision_autocast_the_residual_stream_between_blocks_is_in_that_dtype(dtype) -> None:
+    from vitboost.model import low_precision_residual_stream
     torch.manual_seed(0)
     plain = _model(image_size=32, patch_size=8)
     hooked = copy.deepcopy(plain)
-    assert bf16_residual_stream(hooked)
+    assert low_precision_residual_stream(hooked)
     x = torch.randn(2, 3, 32, 32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         assert set(_block_inputs(plain, x)[0]) == {torch.float32}  # what autocast alone gives
         seen, out = _block_inputs(hooked, x)
-        assert set(seen) == {torch.bfloat16}
+        assert set(seen) == {dtype}
         torch.testing.assert_close(out.float(), plain(pixel_values=x).logits.float(), rtol=0.05, atol=0.05)
-    with torch.autocast("cpu", dtype=torch.float16):  # fp16's range: the stream stays fp32
-        assert set(_block_inputs(hooked, x)[0]) == {torch.float32}
     seen, out = _block_inputs(hooked, x)  # no autocast: fp32, the same numbers
     assert set(seen) == {torch.float32}
     assert torch.equal(out, plain(pixel_values=x).logits)
     assert list(hooked.state_dict()) == list(plain.state_dict())
 
 
-def test_the_bf16_residual_stream_can_be_switched_off_and_a_later_pipeline_stage_has_none(monkeypatch) -> None:
-    from vitboost.model import bf16_residual_stream
+def test_the_low_precision_residual_stream_can_be_switched_off_and_a_later_pipeline_stage_has_none(monkeypatch) -> None:
+    from vitboost.model import low_precision_residual_stream
     from vitboost.parallel.tensor import find_blocks
-    assert not bf16_residual_stream(find_blocks(_model())[0][1])  # a stage without the embeddings
-    monkeypatch.setenv("VITBOOST_BF16_RESIDUAL", "0")
-    assert not bf16_residual_stream(_model())
+    assert not low_precision_residual_stream(find_blocks(_model())[0][1])  # a stage without the embeddings
+    monkeypatch.setenv("VITBOOST_RESIDUAL_FP32", "1")
+    assert not low_precision_residual_stream(_model())
 
 
-@pytest.mark.parametrize("precision, stream", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("precision, stream", [("bf16", torch.bfloat16), ("fp16", torch.float16),
+                                               ("fp32", torch.float32)])
 def test_the_engine_trains_and_evaluates_with_the_stream_in_the_compute_dtype(precision, stream) -> None:
-    """parallelize() applies it, so torch_ddp's unwrapped module runs the numerics FSDP's param_dtype gives."""
+    """parallelize() applies it, so torch_ddp's unwrapped module runs the numerics FSDP's param_dtype gives.
+    fp16 is built as the fp32 plan with its precision replaced: the CLI refuses fp16 on the CPU."""
+    import dataclasses
     from vitboost.augment import soft_cross_entropy
     from vitboost.config import make_config
     from vitboost.engine import Engine
@@ -134,7 +136,9 @@ def test_the_engine_trains_and_evaluates_with_the_stream_in_the_compute_dtype(pr
     dims = ParallelDims(1)
     dims.build_mesh("cpu")
     model = _model()
-    engine = Engine(model, cfg, dims, make_plan(cfg, "cpu", 1), torch.device("cpu"), soft_cross_entropy)
+    plan = make_plan(cfg, "cpu", 1) if precision != "fp16" else dataclasses.replace(
+        make_plan(dataclasses.replace(cfg, mixed_precision="fp32"), "cpu", 1), precision="fp16")
+    engine = Engine(model, cfg, dims, plan, torch.device("cpu"), soft_cross_entropy)
     x, y = torch.randn(2, 3, 32, 32), torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
     with _block_input_dtypes(engine.model) as seen:
         engine.train_step([(x, y)])

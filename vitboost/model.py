@@ -98,30 +98,36 @@ def fuse_qkv(model: nn.Module) -> int:
     return n
 
 
-def bf16_residual_stream(model: nn.Module) -> bool:
-    """Under bf16 autocast, keep ViT's residual stream in bf16: the embeddings' output is cast once.
+def low_precision_residual_stream(model: nn.Module) -> bool:
+    """Under bf16 or fp16 autocast, keep ViT's residual stream in that dtype: the embeddings' output is cast once.
 
     Autocast leaves the stream in fp32 (the position-embedding add promotes it, and each block's
-    ``x + f(x)`` adds a bf16 branch to an fp32 ``x``), so every LayerNorm and residual add moves twice
-    the bytes it needs. FSDP's ``param_dtype=bf16`` (our fsdp and gemini plans, torchtitan) already
-    runs the stream in bf16; this gives the unwrapped and DDP model the same numerics. ViT-B batch 256
-    on an H200: +3.3% (BENCHMARKS.md section 33). fp16 (its range) and fp32 runs are untouched.
+    ``x + f(x)`` adds a low-precision branch to an fp32 ``x``), so every LayerNorm and residual add
+    moves twice the bytes it needs. FSDP's ``param_dtype`` (our fsdp and gemini plans, torchtitan)
+    already runs the stream in the compute dtype, and ColossalAI's fp16 ZeRO and gemini run the whole
+    model in fp16; this gives the unwrapped, DDP, TP and pipelined model the same numerics. ViT-B on an
+    H200: bf16 batch 256 +3.3% (BENCHMARKS.md section 33), fp16 batch 128 in section 36. fp16's range:
+    each branch added to the stream is an fp16 GEMM's output already, and the LayerNorms still compute
+    in fp32; what is new is their sum stored in fp16, which overflows past 65,504 (the loss scale then
+    skips the step, as for any fp16 overflow). fp32 runs are untouched.
     Returns whether the model has embeddings to hook (a later pipeline stage has none: it receives the
-    stream as stage 0 sends it). ``VITBOOST_BF16_RESIDUAL=0`` keeps autocast's fp32 stream, for A/B runs.
+    stream as stage 0 sends it). ``VITBOOST_RESIDUAL_FP32=1`` keeps autocast's fp32 stream, for A/B runs.
     """
-    if os.environ.get("VITBOOST_BF16_RESIDUAL", "1") == "0":
+    if os.environ.get("VITBOOST_RESIDUAL_FP32", "0") == "1":
         return False
     embeddings = next((m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "embeddings"), None)
     if embeddings is None:
         return False
-    embeddings.register_forward_hook(_stream_in_bf16)
+    embeddings.register_forward_hook(_stream_in_autocast_dtype)
     return True
 
 
-def _stream_in_bf16(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+def _stream_in_autocast_dtype(module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
     kind = out.device.type
-    if torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == torch.bfloat16:
-        return out.to(torch.bfloat16)
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        if dtype in (torch.bfloat16, torch.float16):
+            return out.to(dtype)
     return out
 
 

@@ -4,7 +4,7 @@
 
 TP first, because it rewrites the linears that the others wrap (without TP, the attention's q, k and v
 become one GEMM instead: TP's colwise split and that fusion are two answers for the same linears, and
-the fusion must precede compile so the compiled graph holds it; the bf16 residual stream's cast hooks the
+the fusion must precede compile so the compiled graph holds it; the residual stream's cast to the autocast dtype hooks the
 embeddings before compile for the same reason); activation checkpointing
 and compile per block, so that FSDP's per-block units see compiled, checkpointed blocks;
 data parallel last, because it must see the final parameters. Pipeline splitting happens
@@ -19,7 +19,7 @@ from .dims import ParallelDims
 from .ddp import apply_ddp
 from .fsdp import apply_fsdp
 from .plan import Plan
-from ..model import bf16_residual_stream, fuse_qkv
+from ..model import low_precision_residual_stream, fuse_qkv
 from .tensor import apply_tensor_parallel, find_blocks
 
 
@@ -30,7 +30,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, plan: Plan, device: torch.
         apply_tensor_parallel(model, mesh["tp"])
     else:  # nothing shards q, k and v apart: one GEMM for the three
         fuse_qkv(model)
-    bf16_residual_stream(model)  # under bf16 autocast the stream between blocks stays bf16, as under FSDP
+    low_precision_residual_stream(model)  # the stream in autocast's bf16/fp16, as under FSDP
     if grad_checkpoint:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if plan.compile == "blocks":  # FSDP/TP/PP units; a single module is compiled whole by the Engine
