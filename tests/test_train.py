@@ -470,3 +470,41 @@ def test_a_per_epoch_checkpoint_never_waits_for_the_previous_write_and_the_run_s
     assert f"resumed from {resumed / 'checkpoints' / 'step_00000003'} at step 3" in capsys.readouterr().out
     a, b = weights(run), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _fp16_on_the_cpu(monkeypatch) -> None:
+    """The CLI refuses fp16 on the CPU (no loss scaling there): the fp32 plan with its precision replaced
+    runs the GPU's fp16 path, LossScale and fused step included, under CPU autocast."""
+    import dataclasses
+
+    import vitboost.train as train_mod
+    real = train_mod.make_plan
+    monkeypatch.setattr(train_mod, "make_plan", lambda *a, **k: dataclasses.replace(real(*a, **k), precision="fp16"))
+
+
+def _logged(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def test_fp16_logs_its_loss_scale_and_stops_with_what_to_do_once_it_has_fallen_below_one(tiny_beans, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """Each overflowing fp16 step is skipped and halves the scale; 17 in a row take it from 2**16 below 1,
+    where the weights have stopped moving: one error line saying so and what to use, exit 2."""
+    import vitboost.train as train_mod
+    assert main(train_args(tiny_beans, tmp_path / "fp32", "--epochs", "1")) == 0
+    assert all("loss_scale" not in row for row in _logged(tmp_path / "fp32"))  # no loss scale, no column
+
+    _fp16_on_the_cpu(monkeypatch)
+    assert main(train_args(tiny_beans, tmp_path / "fp16", "--epochs", "1")) == 0
+    assert [row["loss_scale"] for row in _logged(tmp_path / "fp16")] == [2.0 ** 16] * 3  # no overflow: it holds
+
+    real_loss = train_mod.soft_cross_entropy
+    monkeypatch.setattr(train_mod, "soft_cross_entropy", lambda *a, **k: real_loss(*a, **k) * float("inf"))
+    capsys.readouterr()
+    out = tmp_path / "overflows"
+    assert main(train_args(tiny_beans, out, "--epochs", "10")) == 2
+    err = capsys.readouterr().err
+    assert "error: fp16: the loss scale fell to 0.5 by step 17" in err and "--mixed_precision bf16" in err
+    assert [row["loss_scale"] for row in _logged(out)] == [2.0 ** (15 - i) for i in range(16)]  # halved each step
+    # an epoch's checkpoint before the error stays resumable (step 15's, if its write ended before step 17)
+    assert latest_checkpoint(out / "checkpoints").name in ("step_00000012", "step_00000015")

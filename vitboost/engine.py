@@ -128,6 +128,10 @@ class Engine:
         # ZeRO-1: ZeroRedundancyOptimizer wraps the AdamW; DDP's grads are whole and alike on every rank
         return torch.amp.GradScaler(self.device.type)
 
+    def loss_scale(self) -> float | None:
+        """fp16's loss scale now (a host sync: read at log rows only); None without one."""
+        return None if self.scaler is None else float(self.scaler.get_scale())
+
     @property
     def _fused_clip(self) -> bool:
         """A plain fused AdamW (not ZeRO-1's wrapper around one) takes the clip into its step."""

@@ -2,8 +2,8 @@
 
 ``tensorboard`` writes, through ``torch.utils.tensorboard``, under ``<output>/tb``: the HF Trainer's
 tags (``train/loss``, ``train/learning_rate``, ``train/grad_norm``, ``train/epoch``, ``eval/loss``,
-``eval/accuracy``) plus ``train/img_per_s``, and each evaluation's confusion matrix as an image
-(``eval/confusion_matrix``; the final test split as ``test/*``). A resumed run opens the writer
+``eval/accuracy``) plus ``train/img_per_s`` (and fp16's ``train/loss_scale``), and each evaluation's
+confusion matrix as an image (``eval/confusion_matrix``; the final test split as ``test/*``). A resumed run opens the writer
 with ``purge_step`` = the checkpoint's step + 1, so TensorBoard drops what the interrupted run logged
 after that checkpoint and every step appears once.
 """
@@ -16,7 +16,7 @@ from typing import Any, Callable
 REPORTERS = ("none", "tensorboard")
 # metrics.jsonl keys -> TensorBoard tags (HF Trainer names where it has one)
 TRAIN_TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
-              "epoch": "train/epoch", "img_per_s": "train/img_per_s"}
+              "epoch": "train/epoch", "img_per_s": "train/img_per_s", "loss_scale": "train/loss_scale"}
 EVAL_TAGS = {"val_loss": "eval/loss", "val_accuracy": "eval/accuracy"}
 
 

@@ -362,6 +362,7 @@ def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[st
             meter.add(step_loss, global_batch * cfg.grad_accum)
             if step % cfg.log_every == 0 or step == total_steps:
                 row = meter.row(step, epoch + 1, scheduler.get_last_lr()[0], grad_norm, dp_group)
+                row.update(_loss_scale(engine, step))
                 log(**row)
                 progress.logged(row)
             if evals.due_at_step(step, epoch, ends_epoch=batch_in_epoch + cfg.grad_accum > batches.per_epoch):
@@ -626,6 +627,24 @@ def _check_layout(cfg: TrainConfig, model, dims: ParallelDims) -> None:
     stages = dims.pp * (2 if cfg.pp_schedule == "Interleaved1F1B" else 1)
     if c.num_hidden_layers < stages:
         raise ConfigError(f"{c.num_hidden_layers} layers cannot fill {stages} pipeline stages; lower --pp_size")
+
+
+MIN_LOSS_SCALE = 1.0  # DeepSpeed's min_loss_scale: 17 overflows in a row take GradScaler's 2**16 below it
+
+
+def _loss_scale(engine: Engine, step: int) -> dict:
+    """fp16's loss scale for the log row. Each overflowing step is skipped and halves it: one that has
+    fallen below MIN_LOSS_SCALE means the weights have stopped moving, so the run stops and says what
+    to do, where torch's GradScaler would keep on skipping (DeepSpeed stops there too). Every rank reads
+    the same scale (the skip is decided on the global norm), so every rank stops at the same step."""
+    scale = engine.loss_scale()
+    if scale is None:
+        return {}
+    if scale < MIN_LOSS_SCALE:
+        raise ConfigError(f"fp16: the loss scale fell to {scale:g} by step {step}: the gradients overflowed fp16's "
+                          f"range step after step, and each such step is skipped; train with --mixed_precision "
+                          f"bf16 (as fast on GPUs that have it) or fp32")
+    return {"loss_scale": scale}
 
 
 def _dp_mean(t: torch.Tensor, group) -> float:
