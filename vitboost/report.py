@@ -3,9 +3,9 @@
 ``tensorboard`` writes, through ``torch.utils.tensorboard``, under ``<output>/tb``: the HF Trainer's
 tags (``train/loss``, ``train/learning_rate``, ``train/grad_norm``, ``train/epoch``, ``eval/loss``,
 ``eval/accuracy``) plus ``train/img_per_s`` (and fp16's ``train/loss_scale``), and each evaluation's
-confusion matrix as an image (``eval/confusion_matrix``; the final test split as ``test/*``). A resumed run opens the writer
-with ``purge_step`` = the checkpoint's step + 1, so TensorBoard drops what the interrupted run logged
-after that checkpoint and every step appears once.
+confusion matrix as an image (``eval/confusion_matrix``; the final test split as ``test/*``). A resumed
+run opens the writer with ``purge_step`` = the checkpoint's step + 1, so TensorBoard drops what the
+interrupted run logged after that checkpoint and every step appears once.
 """
 from __future__ import annotations
 

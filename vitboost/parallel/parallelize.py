@@ -4,8 +4,8 @@
 
 TP first, because it rewrites the linears that the others wrap (without TP, the attention's q, k and v
 become one GEMM instead: TP's colwise split and that fusion are two answers for the same linears, and
-the fusion must precede compile so the compiled graph holds it; the residual stream's cast to the autocast dtype hooks the
-embeddings before compile for the same reason); activation checkpointing
+the fusion must precede compile so the compiled graph holds it; the residual stream's cast to the
+autocast dtype hooks the embeddings before compile for the same reason); activation checkpointing
 and compile per block, so that FSDP's per-block units see compiled, checkpointed blocks;
 data parallel last, because it must see the final parameters. Pipeline splitting happens
 before all of this (each rank parallelizes only its own stage's part).
