@@ -489,7 +489,8 @@ def _logged(run: Path) -> list[dict]:
 def test_fp16_logs_its_loss_scale_and_stops_with_what_to_do_once_it_has_fallen_below_one(tiny_beans, tmp_path,
                                                                                           monkeypatch, capsys):
     """Each overflowing fp16 step is skipped and halves the scale; 17 in a row take it from 2**16 below 1,
-    where the weights have stopped moving: one error line saying so and what to use, exit 2."""
+    where the weights have stopped moving: the row is logged, then one error line saying so and what to
+    use, exit 2."""
     import vitboost.train as train_mod
     assert main(train_args(tiny_beans, tmp_path / "fp32", "--epochs", "1")) == 0
     assert all("loss_scale" not in row for row in _logged(tmp_path / "fp32"))  # no loss scale, no column
@@ -502,9 +503,35 @@ def test_fp16_logs_its_loss_scale_and_stops_with_what_to_do_once_it_has_fallen_b
     monkeypatch.setattr(train_mod, "soft_cross_entropy", lambda *a, **k: real_loss(*a, **k) * float("inf"))
     capsys.readouterr()
     out = tmp_path / "overflows"
-    assert main(train_args(tiny_beans, out, "--epochs", "10")) == 2
+    assert main(train_args(tiny_beans, out, "--epochs", "10", "--no-async_checkpoint")) == 2
     err = capsys.readouterr().err
-    assert "error: fp16: the loss scale fell to 0.5 by step 17" in err and "--mixed_precision bf16" in err
-    assert [row["loss_scale"] for row in _logged(out)] == [2.0 ** (15 - i) for i in range(16)]  # halved each step
-    # an epoch's checkpoint before the error stays resumable (step 15's, if its write ended before step 17)
-    assert latest_checkpoint(out / "checkpoints").name in ("step_00000012", "step_00000015")
+    assert "error: the fp16 loss scale fell to 0.5 by step 17" in err and "--mixed_precision bf16" in err
+    assert [row["loss_scale"] for row in _logged(out)] == [2.0 ** (15 - i) for i in range(17)]  # halved each step
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000015"  # the epochs before it stay resumable
+
+
+@pytest.mark.parametrize("log_every, nan_from, stops_at", [
+    ("1", 8, 8),     # found at its log row, before the epoch's checkpoint at step 9
+    ("100", 4, 6),   # no log row between: found by the epoch's checkpoint at step 6, which is not saved
+])
+def test_a_diverged_run_stops_before_any_checkpoint_of_its_nan_weights(tiny_beans, tmp_path, monkeypatch, capsys,
+                                                                      log_every, nan_from, stops_at):
+    """bf16/fp32 skip nothing: from a nan loss on, the weights are nan, and checkpoints of them would rotate
+    the good ones out (--save_total_limit 2). The run stops with one error line naming the last good one."""
+    import vitboost.train as train_mod
+    real_loss, calls = train_mod.soft_cross_entropy, []
+
+    def loss_nan_from_step(*a, **k):  # one call per step: no gradient accumulation, eval does not use it
+        calls.append(1)
+        return real_loss(*a, **k) * (float("nan") if len(calls) >= nan_from else 1.0)
+
+    monkeypatch.setattr(train_mod, "soft_cross_entropy", loss_nan_from_step)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(train_args(tiny_beans, out, "--epochs", "10", "--log_every", log_every, "--no-async_checkpoint")) == 2
+    err = capsys.readouterr().err
+    assert f"error: training diverged: the gradient norm is nan at step {stops_at}" in err and "lower --lr" in err
+    last = latest_checkpoint(out / "checkpoints")
+    assert f"the last checkpoint, {last}, was saved before it" in err
+    saved = sorted(int(d.name.rsplit("_", 1)[-1]) for d in (out / "checkpoints").iterdir() if "step_" in d.name)
+    assert saved[-1] == 3 * ((nan_from - 1) // 3)  # every epoch before the nan, and none after it

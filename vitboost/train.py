@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import sys
 import time
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from .augment import AugmentConfig, GpuAugment, soft_cross_entropy
 from .batches import TrainBatches
 from .checkpoint import close as close_checkpoints
-from .checkpoint import finish_pending, publish_finished, resume_checkpoint, save_checkpoint, writing
+from .checkpoint import finish_pending, latest_checkpoint, publish_finished, resume_checkpoint, save_checkpoint, writing
 from .compile_ahead import compile_ahead
 from .config import ConfigError, TrainConfig, check_patch_grid
 from .data import ImageDataset, ImageSplit, load_image_dataset, num_batches
@@ -337,6 +338,7 @@ def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[st
         before the last, which the pace (--save_min_seconds) or _writer_busy may skip."""
         if state.saved_step == step or (not wait and (pace.too_soon(say) or _writer_busy(cfg, step, say))):
             return
+        _check_diverged(engine, last_norm, step, ckpt_root)  # never a checkpoint of diverged weights
         state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
         layout = {"world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
         with clock.inside("checkpoints"):
@@ -349,6 +351,7 @@ def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[st
     progress = Progress(cfg, is_main, step, total_steps)
     meter = Meter(device)
     stopped_early = False  # --early_stopping_patience
+    last_norm = None  # the last step's global gradient norm (a device tensor)
     while epoch < cfg.epochs and step < total_steps and not preempt.stopped and not stopped_early:
         inputs = batches.epoch(epoch, start=batch_in_epoch)  # (model inputs, targets) on the device
         while batch_in_epoch + cfg.grad_accum <= batches.per_epoch and step < total_steps:
@@ -356,15 +359,17 @@ def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[st
             for _ in range(cfg.grad_accum):
                 micro_batches.append(next(inputs))
                 batch_in_epoch += 1
-            step_loss, grad_norm = engine.train_step(micro_batches)
+            step_loss, last_norm = engine.train_step(micro_batches)
             scheduler.step()
             step += 1
             meter.add(step_loss, global_batch * cfg.grad_accum)
             if step % cfg.log_every == 0 or step == total_steps:
-                row = meter.row(step, epoch + 1, scheduler.get_last_lr()[0], grad_norm, dp_group)
-                row.update(_loss_scale(engine, step))
+                row = meter.row(step, epoch + 1, scheduler.get_last_lr()[0], last_norm, dp_group)
+                if (scale := engine.loss_scale()) is not None:  # fp16
+                    row["loss_scale"] = scale
                 log(**row)
                 progress.logged(row)
+                _check_diverged(engine, last_norm, step, ckpt_root)
             if evals.due_at_step(step, epoch, ends_epoch=batch_in_epoch + cfg.grad_accum > batches.per_epoch):
                 with clock.inside("validation"):  # before this step's checkpoint, which then holds its effect
                     stopped_early = evals.validate(step, epoch + batch_in_epoch / batches.per_epoch,
@@ -632,19 +637,27 @@ def _check_layout(cfg: TrainConfig, model, dims: ParallelDims) -> None:
 MIN_LOSS_SCALE = 1.0  # DeepSpeed's min_loss_scale: 17 overflows in a row take GradScaler's 2**16 below it
 
 
-def _loss_scale(engine: Engine, step: int) -> dict:
-    """fp16's loss scale for the log row. Each overflowing step is skipped and halves it: one that has
-    fallen below MIN_LOSS_SCALE means the weights have stopped moving, so the run stops and says what
-    to do, where torch's GradScaler would keep on skipping (DeepSpeed stops there too). Every rank reads
-    the same scale (the skip is decided on the global norm), so every rank stops at the same step."""
+def _check_diverged(engine: Engine, grad_norm: torch.Tensor | None, step: int, ckpt_root: Path) -> None:
+    """Stop a run whose weights no longer train, at a log row or before a checkpoint, so that no checkpoint
+    of them rotates a good one out (--save_total_limit). fp16 skips each overflowing step and halves its
+    loss scale: below MIN_LOSS_SCALE nothing has moved for many steps (GradScaler would skip on; DeepSpeed
+    stops there too). bf16/fp32 skip nothing: a non-finite gradient norm means nan/inf went into the
+    weights. The scale and the norm are global, so every rank stops at the same step."""
     scale = engine.loss_scale()
-    if scale is None:
-        return {}
-    if scale < MIN_LOSS_SCALE:
-        raise ConfigError(f"fp16: the loss scale fell to {scale:g} by step {step}: the gradients overflowed fp16's "
-                          f"range step after step, and each such step is skipped; train with --mixed_precision "
-                          f"bf16 (as fast on GPUs that have it) or fp32")
-    return {"loss_scale": scale}
+    if scale is not None:
+        if scale >= MIN_LOSS_SCALE:
+            return
+        what = (f"the fp16 loss scale fell to {scale:g} by step {step}: the gradients overflowed fp16's range "
+                f"step after step, and each such step is skipped")
+        fix = "train with --mixed_precision bf16 (as fast on GPUs that have it) or fp32"
+    else:
+        if grad_norm is None or math.isfinite(norm := float(grad_norm)):
+            return
+        what = f"training diverged: the gradient norm is {norm} at step {step}, so the weights are no longer finite"
+        fix = "lower --lr or raise --warmup_ratio, then start again"
+    last = latest_checkpoint(ckpt_root)
+    saved = f"the last checkpoint, {last}, was saved before it" if last else "no checkpoint was saved before it"
+    raise ConfigError(f"{what}; {saved}; {fix}")
 
 
 def _dp_mean(t: torch.Tensor, group) -> float:
