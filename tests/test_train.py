@@ -505,7 +505,7 @@ def test_fp16_logs_its_loss_scale_and_stops_with_what_to_do_once_it_has_fallen_b
     out = tmp_path / "overflows"
     assert main(train_args(tiny_beans, out, "--epochs", "10", "--no-async_checkpoint")) == 2
     err = capsys.readouterr().err
-    assert "error: the fp16 loss scale fell to 0.5 by step 17" in err and "--mixed_precision bf16" in err
+    assert "error: the fp16 loss scale fell to 0.5 by step 17:" in err and "--mixed_precision bf16" in err
     assert [row["loss_scale"] for row in _logged(out)] == [2.0 ** (15 - i) for i in range(17)]  # halved each step
     assert latest_checkpoint(out / "checkpoints").name == "step_00000015"  # the epochs before it stay resumable
 
@@ -530,8 +530,40 @@ def test_a_diverged_run_stops_before_any_checkpoint_of_its_nan_weights(tiny_bean
     capsys.readouterr()
     assert main(train_args(tiny_beans, out, "--epochs", "10", "--log_every", log_every, "--no-async_checkpoint")) == 2
     err = capsys.readouterr().err
-    assert f"error: training diverged: the gradient norm is nan at step {stops_at}" in err and "lower --lr" in err
+    assert f"error: training diverged: the gradient norm is nan at step {stops_at}," in err and "lower --lr" in err
     last = latest_checkpoint(out / "checkpoints")
     assert f"the last checkpoint, {last}, was saved before it" in err
     saved = sorted(int(d.name.rsplit("_", 1)[-1]) for d in (out / "checkpoints").iterdir() if "step_" in d.name)
     assert saved[-1] == 3 * ((nan_from - 1) // 3)  # every epoch before the nan, and none after it
+
+
+def _diverging_rank_1(data: str, out: str) -> str:
+    """A 2-rank run whose rank 1 alone gets a nan loss from its 4th step on; the error each rank raised."""
+    import torch.distributed as dist
+    import vitboost.train as train_mod
+    from vitboost.config import ConfigError, TrainConfig
+    real_loss, calls = train_mod.soft_cross_entropy, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        return real_loss(*a, **k) * (float("nan") if dist.get_rank() == 1 and len(calls) >= 4 else 1.0)
+
+    train_mod.soft_cross_entropy = loss
+    try:
+        train_mod.train(TrainConfig(model="vit-micro", pretrained="none", dataset=data, output=out, epochs=20,
+                                    batch_size=4, log_every=100, cache_dir=str(Path(out).parent / "cache"),
+                                    progress=False, export=False, device="cpu", async_checkpoint=False,
+                                    save_min_seconds=0))
+    except ConfigError as e:
+        return str(e)
+    return "finished"
+
+
+def test_every_rank_stops_at_the_same_step_when_one_ranks_loss_goes_nan(tiny_beans, tmp_path):
+    """The norm is all-reduced, so the rank whose batch was fine sees the nan too and stops with it: no rank
+    is left waiting in a collective. 3 steps an epoch (24 images / 2 x 4): stopped at step 6's checkpoint."""
+    from tests.distributed import run_distributed
+    out = tmp_path / "run"
+    errors = run_distributed(_diverging_rank_1, 2, str(tiny_beans), str(out))
+    assert errors[0] == errors[1] and errors[0].startswith("training diverged: the gradient norm is nan at step 6,")
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_00000003"]
