@@ -647,8 +647,8 @@ def _check_diverged(engine: Engine, grad_norm: torch.Tensor | None, step: int, c
     if scale is not None:
         if scale >= MIN_LOSS_SCALE:
             return
-        what = (f"the fp16 loss scale fell to {scale:g} by step {step}: the gradients overflowed fp16's range "
-                f"step after step, and each such step is skipped")
+        what = (f"the fp16 loss scale fell to {scale:g} by step {step}: the loss or its gradients overflowed "
+                f"fp16's range step after step, and each such step is skipped")
         fix = "train with --mixed_precision bf16 (as fast on GPUs that have it) or fp32"
     else:
         if grad_norm is None or math.isfinite(norm := float(grad_norm)):
