@@ -482,6 +482,21 @@ def _fp16_on_the_cpu(monkeypatch) -> None:
     monkeypatch.setattr(train_mod, "make_plan", lambda *a, **k: dataclasses.replace(real(*a, **k), precision="fp16"))
 
 
+def _spoiled_loss(times: float, from_call: int, rank: int | None = None):
+    """train's soft_cross_entropy multiplied by ``times`` (inf, nan) from its ``from_call``-th call on (one call a
+    step: no gradient accumulation, and evaluation does not use it), on ``rank`` alone when given."""
+    import torch.distributed as dist
+    import vitboost.train as train_mod
+    real_loss, calls = train_mod.soft_cross_entropy, []
+
+    def loss(*a, **k):
+        calls.append(1)
+        spoiled = len(calls) >= from_call and (rank is None or dist.get_rank() == rank)
+        return real_loss(*a, **k) * (times if spoiled else 1.0)
+
+    return loss
+
+
 def _logged(run: Path) -> list[dict]:
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
@@ -499,8 +514,7 @@ def test_fp16_logs_its_loss_scale_and_stops_with_what_to_do_once_it_has_fallen_b
     assert main(train_args(tiny_beans, tmp_path / "fp16", "--epochs", "1")) == 0
     assert [row["loss_scale"] for row in _logged(tmp_path / "fp16")] == [2.0 ** 16] * 3  # no overflow: it holds
 
-    real_loss = train_mod.soft_cross_entropy
-    monkeypatch.setattr(train_mod, "soft_cross_entropy", lambda *a, **k: real_loss(*a, **k) * float("inf"))
+    monkeypatch.setattr(train_mod, "soft_cross_entropy", _spoiled_loss(float("inf"), 1))
     capsys.readouterr()
     out = tmp_path / "overflows"
     assert main(train_args(tiny_beans, out, "--epochs", "10", "--no-async_checkpoint")) == 2
@@ -519,13 +533,7 @@ def test_a_diverged_run_stops_before_any_checkpoint_of_its_nan_weights(tiny_bean
     """bf16/fp32 skip nothing: from a nan loss on, the weights are nan, and checkpoints of them would rotate
     the good ones out (--save_total_limit 2). The run stops with one error line naming the last good one."""
     import vitboost.train as train_mod
-    real_loss, calls = train_mod.soft_cross_entropy, []
-
-    def loss_nan_from_step(*a, **k):  # one call per step: no gradient accumulation, eval does not use it
-        calls.append(1)
-        return real_loss(*a, **k) * (float("nan") if len(calls) >= nan_from else 1.0)
-
-    monkeypatch.setattr(train_mod, "soft_cross_entropy", loss_nan_from_step)
+    monkeypatch.setattr(train_mod, "soft_cross_entropy", _spoiled_loss(float("nan"), nan_from))
     out = tmp_path / "run"
     capsys.readouterr()
     assert main(train_args(tiny_beans, out, "--epochs", "10", "--log_every", log_every, "--no-async_checkpoint")) == 2
@@ -539,16 +547,9 @@ def test_a_diverged_run_stops_before_any_checkpoint_of_its_nan_weights(tiny_bean
 
 def _diverging_rank_1(data: str, out: str) -> str:
     """A 2-rank run whose rank 1 alone gets a nan loss from its 4th step on; the error each rank raised."""
-    import torch.distributed as dist
     import vitboost.train as train_mod
     from vitboost.config import ConfigError, TrainConfig
-    real_loss, calls = train_mod.soft_cross_entropy, []
-
-    def loss(*a, **k):
-        calls.append(1)
-        return real_loss(*a, **k) * (float("nan") if dist.get_rank() == 1 and len(calls) >= 4 else 1.0)
-
-    train_mod.soft_cross_entropy = loss
+    train_mod.soft_cross_entropy = _spoiled_loss(float("nan"), 4, rank=1)
     try:
         train_mod.train(TrainConfig(model="vit-micro", pretrained="none", dataset=data, output=out, epochs=20,
                                     batch_size=4, log_every=100, cache_dir=str(Path(out).parent / "cache"),

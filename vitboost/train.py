@@ -338,7 +338,8 @@ def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[st
         before the last, which the pace (--save_min_seconds) or _writer_busy may skip."""
         if state.saved_step == step or (not wait and (pace.too_soon(say) or _writer_busy(cfg, step, say))):
             return
-        _check_diverged(engine, last_norm, step, ckpt_root)  # never a checkpoint of diverged weights
+        # never a checkpoint of diverged weights
+        _check_diverged(engine.loss_scale(), None if last_norm is None else float(last_norm), step, ckpt_root)
         state.step, state.epoch, state.batch_in_epoch = step, epoch, batch_in_epoch
         layout = {"world_size": world, "layout": [dims.dp, dims.tp, dims.pp], "plugin": plan.plugin}
         with clock.inside("checkpoints"):
@@ -369,7 +370,7 @@ def train(cfg: TrainConfig, launched: float | None = None, launch_marks: dict[st
                     row["loss_scale"] = scale
                 log(**row)
                 progress.logged(row)
-                _check_diverged(engine, last_norm, step, ckpt_root)
+                _check_diverged(row.get("loss_scale"), row["grad_norm"], step, ckpt_root)  # the row's reads
             if evals.due_at_step(step, epoch, ends_epoch=batch_in_epoch + cfg.grad_accum > batches.per_epoch):
                 with clock.inside("validation"):  # before this step's checkpoint, which then holds its effect
                     stopped_early = evals.validate(step, epoch + batch_in_epoch / batches.per_epoch,
@@ -637,13 +638,13 @@ def _check_layout(cfg: TrainConfig, model, dims: ParallelDims) -> None:
 MIN_LOSS_SCALE = 1.0  # DeepSpeed's min_loss_scale: 17 overflows in a row take GradScaler's 2**16 below it
 
 
-def _check_diverged(engine: Engine, grad_norm: torch.Tensor | None, step: int, ckpt_root: Path) -> None:
+def _check_diverged(scale: float | None, norm: float | None, step: int, ckpt_root: Path) -> None:
     """Stop a run whose weights no longer train, at a log row or before a checkpoint, so that no checkpoint
     of them rotates a good one out (--save_total_limit). fp16 skips each overflowing step and halves its
     loss scale: below MIN_LOSS_SCALE nothing has moved for many steps (GradScaler would skip on; DeepSpeed
     stops there too). bf16/fp32 skip nothing: a non-finite gradient norm means nan/inf went into the
-    weights. The scale and the norm are global, so every rank stops at the same step."""
-    scale = engine.loss_scale()
+    weights. The scale (None without fp16) and the norm (None before the first step) are global, so every
+    rank stops at the same step."""
     if scale is not None:
         if scale >= MIN_LOSS_SCALE:
             return
@@ -651,7 +652,7 @@ def _check_diverged(engine: Engine, grad_norm: torch.Tensor | None, step: int, c
                 f"fp16's range step after step, and each such step is skipped")
         fix = "train with --mixed_precision bf16 (as fast on GPUs that have it) or fp32"
     else:
-        if grad_norm is None or math.isfinite(norm := float(grad_norm)):
+        if norm is None or math.isfinite(norm):
             return
         what = f"training diverged: the gradient norm is {norm} at step {step}, so the weights are no longer finite"
         fix = "lower --lr or raise --warmup_ratio, then start again"
