@@ -22,6 +22,9 @@ HOW may carry modifiers after a '+' (e.g. blocks+fp32res+cdt):
   allbf16      the whole model's parameters in bf16 (an upper bound: AdamW on bf16 weights, no master copy)
   tma          Inductor's persistent TMA matmul templates (Hopper) beside cuBLAS, with max-autotune
   cdt          Inductor's coordinate-descent tuning of its Triton kernels
+  clsfull      the last block computed for every token, as HF's (VITBOOST_CLS_ONLY=0); by default for the
+               CLS token only (model.ClassTokenBlock), left uncompiled as `vitboost train` leaves it
+  clscompiled  that CLS-only block compiled too (its own graph)
   nogelu, nonorm   bounds, not models: the MLP's GELU / every block's two LayerNorms replaced by the
                identity, so the step shows what no fusion of those kernels could beat
 The train step is the Engine's (bf16 autocast, fused AdamW, grad clipping), on synthetic data
@@ -46,7 +49,7 @@ if ROOT not in sys.path:
 DEFAULT = ["vit-base:256:eager", "vit-base:256:blocks", "vit-base:256:blocks_conv", "vit-base:256:whole",
            "vit-base:256:cudnn", "vit-base:512:blocks", "vit-base:256:blocks_ma",
            "vit-small:128:eager", "vit-small:128:blocks", "vit-small:128:blocks_ro"]
-MODIFIERS = {"fp32res", "allbf16", "tma", "cdt", "nogelu", "nonorm"}
+MODIFIERS = {"fp32res", "allbf16", "tma", "cdt", "nogelu", "nonorm", "clsfull", "clscompiled"}
 PEAK = 793e12  # measured bf16 GEMM rate of one H200 (the number); MFU below uses it
 
 
@@ -72,7 +75,7 @@ def build(model_name: str, batch: int, how: str):
     from vitboost.bench import synthetic_batch, vit_flops_per_image
     from vitboost.config import make_config
     from vitboost.engine import Engine
-    from vitboost.model import build_model
+    from vitboost.model import ClassTokenBlock, build_model
     from vitboost.parallel.dims import ParallelDims, init_distributed
     from vitboost.parallel.plan import make_plan, model_dims
     from vitboost.parallel.tensor import find_blocks
@@ -80,6 +83,8 @@ def build(model_name: str, batch: int, how: str):
     how, *mods = how.split("+")
     if "fp32res" in mods:
         os.environ["VITBOOST_RESIDUAL_FP32"] = "1"
+    if "clsfull" in mods:
+        os.environ["VITBOOST_CLS_ONLY"] = "0"
     import torch._inductor.config as ic
     if "tma" in mods:
         ic.triton.enable_persistent_tma_matmul = True
@@ -115,7 +120,8 @@ def build(model_name: str, batch: int, how: str):
             "whole_ma": "max-autotune-no-cudagraphs"}
     if how in ("blocks", "blocks_conv", "blocks_ma", "blocks_ro", "cudnn", "flash"):
         for _, block in find_blocks(engine.model):
-            block.compile(mode=mode.get(how))
+            if "clscompiled" in mods or not isinstance(block, ClassTokenBlock):  # as parallelize() does
+                block.compile(mode=mode.get(how))
     elif how in ("whole", "whole_ro", "whole_ma", "whole_cudnn", "whole_flash"):
         engine._forward = torch.compile(engine.model, mode=mode.get(how))
     elif how != "eager" and not gemini:

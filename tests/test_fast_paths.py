@@ -167,3 +167,96 @@ def test_speed_levers_bounds_free_exactly_each_blocks_gelu_and_layernorms() -> N
     norms = 2 * blocks * 2 * model.config.hidden_size  # each norm's weight and bias
     assert sum(p.numel() for p in model.parameters()) == params - norms
     assert model(pixel_values=torch.randn(1, 3, 32, 32)).logits.isfinite().all()
+
+
+def _cls_only(model):
+    from vitboost.model import class_token_last_block
+    from vitboost.parallel.tensor import find_blocks
+    if not hasattr(find_blocks(model)[0][1].attention, "q_proj"):
+        pytest.skip("transformers 4.x block layout: left as it is")
+    return class_token_last_block(model)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("qkv", ["one_gemm", "lora", "hf_eager_attention"])
+def test_the_last_block_computed_for_the_cls_token_gives_the_full_blocks_logits_and_gradients(qkv) -> None:
+    """The classifier reads token 0 only, so the last block's other rows never reach the loss: skipping them
+    must leave the logits and every parameter's gradient as the stock block gives them."""
+    from vitboost.config import TrainConfig
+    from vitboost.lora import apply_lora
+    from vitboost.model import ClassTokenBlock, fuse_qkv
+    from vitboost.parallel.tensor import find_blocks
+    torch.manual_seed(0)
+    stock = _model().train()
+    if qkv == "lora":  # peft's layers hold q, k and v: the block calls them as they are
+        stock = apply_lora(stock, TrainConfig(model="vit-micro", lora_rank=4), log=lambda *_: None)
+        for n, p in stock.named_parameters():  # LoRA's B starts at zero: give the adapters a gradient path
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)
+    if qkv == "hf_eager_attention":
+        stock.config._attn_implementation = "eager"
+    ours = copy.deepcopy(stock)
+    fuse_qkv(ours)
+    assert _cls_only(ours)
+    blocks = find_blocks(ours)
+    assert [isinstance(b, ClassTokenBlock) for _, b in blocks] == [False] * (len(blocks) - 1) + [True]
+    x = torch.randn(3, 3, 32, 32)
+    ref, out = stock(pixel_values=x), ours(pixel_values=x)
+    assert out.logits.shape == ref.logits.shape
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)
+    ref.logits.square().sum().backward()
+    out.logits.square().sum().backward()
+    g_ref, g_out = _grads(stock), _grads(ours)
+    assert g_ref.keys() == g_out.keys() and all(g is not None for g in g_out.values())
+    for name in g_ref:
+        torch.testing.assert_close(g_out[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert list(ours.state_dict()) == list(stock.state_dict())  # checkpoints and export unchanged
+
+
+def test_only_the_stage_holding_the_classifier_computes_its_last_block_for_the_cls_token(monkeypatch) -> None:
+    """A pipeline stage without the classifier passes every token on to the next stage; a model whose
+    head reads every token (here: the bare ViTModel) is left as it is; VITBOOST_CLS_ONLY=0 keeps HF's block."""
+    from vitboost.model import ClassTokenBlock
+    from vitboost.parallel.pipeline import split_model
+    from vitboost.parallel.tensor import find_blocks
+    first, _ = split_model(_model(), pp_rank=0, pp_size=2)
+    assert not _cls_only(first)
+    last, _ = split_model(_model(), pp_rank=1, pp_size=2)
+    assert _cls_only(last) and isinstance(find_blocks(last)[-1][1], ClassTokenBlock)
+    assert not _cls_only(_model().vit)
+    monkeypatch.setenv("VITBOOST_CLS_ONLY", "0")
+    assert not _cls_only(_model())
+
+
+def test_the_engine_trains_the_cls_only_block_as_the_stock_one() -> None:
+    """parallelize() applies it to torch_ddp's model: three steps match the stock block's losses and weights."""
+    from vitboost.augment import soft_cross_entropy
+    from vitboost.config import make_config
+    from vitboost.engine import Engine
+    from vitboost.model import ClassTokenBlock
+    from vitboost.parallel.dims import ParallelDims, init_distributed
+    from vitboost.parallel.plan import make_plan
+    from vitboost.parallel.tensor import find_blocks
+    init_distributed("cpu")
+    cfg = make_config({"model": "vit-micro", "pretrained": "none", "batch_size": 4, "mixed_precision": "fp32",
+                       "device": "cpu"})
+    dims = ParallelDims(1)
+    dims.build_mesh("cpu")
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32), torch.nn.functional.one_hot(torch.tensor([0, 2, 1, 0]), 3).float()
+    runs = []
+    for cls_only in ("1", "0"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("VITBOOST_CLS_ONLY", cls_only)
+            torch.manual_seed(1)
+            engine = Engine(_model(), cfg, dims, make_plan(cfg, "cpu", 1), torch.device("cpu"), soft_cross_entropy)
+        assert isinstance(find_blocks(engine.model)[-1][1], ClassTokenBlock) == (cls_only == "1")
+        losses = [float(engine.train_step([(x, y)])[0]) for _ in range(3)]
+        runs.append((losses, {k: v.detach().clone() for k, v in engine.model.state_dict().items()}))
+    (l1, w1), (l0, w0) = runs
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-5, atol=0)
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -22,14 +22,17 @@ GLOBAL_BATCH = 8
 # so Adam updates them from float rounding noise alone: they are checked to stay at noise
 # level (absolute 1e-5) instead of relative to their own ~1e-6 size.
 ZERO_GRAD = ("key.bias", "k_proj.bias")
-# Adam divides each update by sqrt(v): elements with tiny gradients turn fp32 rounding into drift of
-# ~1e-7 in a few steps whatever the tensor's size, so small tensors (biases) get that absolute floor.
-# A real difference (another batch, a missed gradient) moves weights by ~lr = 1e-3 per step.
-ATOL = 1e-6
+# Adam divides each update by sqrt(v): an element whose gradient nearly cancels over the batch turns fp32
+# summation-order noise (microbatches against one batch) into drift whatever the tensor's size, so small
+# tensors (biases) get an absolute floor. Seen: one element of layer 0's MLP bias 1.1e-6 apart under pp=2
+# (1.4e-6 once the last block computes the CLS token only, which sums in another order), every other
+# weight below 0.15 of its bound; tests/test_pipeline.py saw such elements up to 1e-5 apart. A real
+# difference (another batch, a missed gradient) moves weights by ~lr = 1e-3 per step, 100x this floor.
+ATOL = 1e-5
 
 
 def assert_params_close(ref: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
-    """Per tensor: ||other - ref|| <= 1e-5 * ||ref|| + 1e-6 (relative error in norm, as fp32 rounding allows)."""
+    """Per tensor: ||other - ref|| <= RTOL * ||ref|| + ATOL (relative error in norm, as fp32 rounding allows)."""
     assert ref.keys() == other.keys()
     for k, a in ref.items():
         err = (other[k] - a).norm().item()

@@ -47,6 +47,9 @@ def vit_flops_per_image(config: Any) -> float:
     Forward = 2 x (params that sit in matmuls) x tokens + attention's QK^T and AV (4*L*s^2*h),
     the usual MFU convention (PaLM / Megatron): norms, softmax and other elementwise work are
     left out, and activation recomputation is not counted. ViT-B/16 at 224px: ~105.4 GFLOP.
+    The last block is counted for every token, as the usual ViT counts (and every peer) do, though
+    vitboost computes most of it for the CLS token only (model.ClassTokenBlock): the MFU it reports
+    is per the model's standard FLOPs, so it compares across frameworks as img/s does.
     """
     h, layers, mlp = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     p, c = config.patch_size, getattr(config, "num_channels", 3)

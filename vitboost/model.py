@@ -98,6 +98,75 @@ def fuse_qkv(model: nn.Module) -> int:
     return n
 
 
+class ClassTokenBlock:
+    """ViT's last block, computed for the CLS token only: its output is all the classifier reads.
+
+    ``ViTForImageClassification`` takes ``last_hidden_state[:, 0]``, so of the last block only the
+    CLS token's row reaches the loss: its query, attention output, MLP and residual adds are
+    needed for one token, while keys and values are still needed for every token. Computing just
+    that row gives the same logits and the same gradients (no input to them is dropped), and
+    skips ~10/12 of one block's GEMM work and most of its attention: about 1/15 of ViT-B's step
+    (BENCHMARKS.md section 37). Parameters are untouched (checkpoints, export and optimizer state
+    are the same); the block returns ``[batch, 1, hidden]``, so ``last_hidden_state`` has one token.
+    Mixed into transformers 5.x's ``ViTLayer`` by ``class_token_last_block``; a test checks its
+    output and gradients against the stock block's.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> torch.Tensor:
+        attn, batch = self.attention, hidden_states.shape[0]
+        x = self.layernorm_before(hidden_states)
+        query = attn.q_proj(x[:, :1]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # [batch, heads, 1, d]
+        if isinstance(attn, FusedQKVAttention):  # k and v from one GEMM, as the other blocks
+            k, v = attn.k_proj, attn.v_proj
+            bias = torch.cat([k.bias, v.bias]) if k.bias is not None else None
+            kv = nn.functional.linear(x, torch.cat([k.weight, v.weight]), bias)
+            key, value = kv.unflatten(-1, (2, -1, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # e.g. LoRA-wrapped projections: call them as they are
+            key = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+            value = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+        if attention_mask is not None:  # [batch, heads, queries, keys]: the CLS query's row
+            attention_mask = attention_mask[..., :1, :]
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
+                                                          FusedQKVAttention._eager)
+        out, _ = attention(attn, query, key, value, attention_mask,
+                           dropout=0.0 if not attn.training else attn.attention_dropout,
+                           scaling=attn.scaling, **kwargs)
+        hidden = self.dropout(attn.o_proj(out.reshape(batch, 1, -1))) + hidden_states[:, :1]
+        return self.dropout(self.mlp(self.layernorm_after(hidden))) + hidden
+
+
+_CLASS_TOKEN: dict[type, type] = {}
+
+
+def class_token_last_block(model: nn.Module) -> bool:
+    """Compute the model's last block for the CLS token only (``ClassTokenBlock``); returns whether it did.
+
+    Only for a classifier that reads token 0 (``ViTForImageClassification``, or the last pipeline
+    stage, which holds it) with transformers 5.x's blocks; not under tensor parallel (its hooks wrap
+    the attention module, which this block reaches past). ``VITBOOST_CLS_ONLY=0`` keeps the stock
+    block, for A/B runs.
+    """
+    from .parallel.tensor import find_blocks
+    if os.environ.get("VITBOOST_CLS_ONLY", "1") == "0":
+        return False
+    if getattr(model, "classifier", None) is None or type(model).__name__ != "ViTForImageClassification":
+        return False
+    blocks = find_blocks(model)
+    if not blocks:
+        return False
+    block = blocks[-1][1]
+    cls = type(block)
+    if cls.__name__ != "ViTLayer" or not all(hasattr(block, a) for a in (
+            "layernorm_before", "layernorm_after", "mlp", "dropout")) or not hasattr(block.attention, "q_proj"):
+        return False  # transformers 4.x's layout (attention.attention.query): left as it is
+    if cls not in _CLASS_TOKEN:
+        _CLASS_TOKEN[cls] = type(f"ClassToken{cls.__name__}", (ClassTokenBlock, cls), {})
+    block.__class__ = _CLASS_TOKEN[cls]
+    return True
+
+
 def low_precision_residual_stream(model: nn.Module) -> bool:
     """Under bf16 or fp16 autocast, keep ViT's residual stream in that dtype: the embeddings' output is cast once.
 
