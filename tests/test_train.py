@@ -482,19 +482,31 @@ def _fp16_on_the_cpu(monkeypatch) -> None:
     monkeypatch.setattr(train_mod, "make_plan", lambda *a, **k: dataclasses.replace(real(*a, **k), precision="fp16"))
 
 
-def _spoiled_loss(times: float, from_call: int, rank: int | None = None):
-    """train's soft_cross_entropy multiplied by ``times`` (inf, nan) from its ``from_call``-th call on (one call a
-    step: no gradient accumulation, and evaluation does not use it), on ``rank`` alone when given."""
+def _spoil_loss_from_step(set_attr, times: float, from_step: int, rank: int | None = None) -> None:
+    """train's soft_cross_entropy times a factor that becomes ``times`` (inf, nan) at the ``from_step``-th training
+    step, on ``rank`` alone when given. The factor is a device tensor the loss reads and a step call on the host
+    fills, so a step captured as one CUDA graph (the default on a GPU) sees it change as an eager step does.
+    ``set_attr`` installs the two patches: pytest's monkeypatch.setattr, or setattr in a spawned rank."""
     import torch.distributed as dist
     import vitboost.train as train_mod
-    real_loss, calls = train_mod.soft_cross_entropy, []
+    from vitboost.engine import Engine
+    real_loss, real_step, factors, now, steps = train_mod.soft_cross_entropy, Engine.train_step, {}, [1.0], []
 
-    def loss(*a, **k):
-        calls.append(1)
-        spoiled = len(calls) >= from_call and (rank is None or dist.get_rank() == rank)
-        return real_loss(*a, **k) * (times if spoiled else 1.0)
+    def loss(logits, *a, **k):
+        if logits.device not in factors:  # made at the first step's forward, before any capture
+            factors[logits.device] = torch.full((), now[0], device=logits.device)
+        return real_loss(logits, *a, **k) * factors[logits.device]
 
-    return loss
+    def train_step(self, *a, **k):
+        steps.append(1)
+        if len(steps) == from_step and (rank is None or dist.get_rank() == rank):
+            now[0] = times
+            for factor in factors.values():
+                factor.fill_(times)
+        return real_step(self, *a, **k)
+
+    set_attr(train_mod, "soft_cross_entropy", loss)
+    set_attr(Engine, "train_step", train_step)
 
 
 def _logged(run: Path) -> list[dict]:
@@ -506,7 +518,6 @@ def test_fp16_logs_its_loss_scale_and_stops_with_what_to_do_once_it_has_fallen_b
     """Each overflowing fp16 step is skipped and halves the scale; 17 in a row take it from 2**16 below 1,
     where the weights have stopped moving: the row is logged, then one error line saying so and what to
     use, exit 2."""
-    import vitboost.train as train_mod
     assert main(train_args(tiny_beans, tmp_path / "fp32", "--epochs", "1")) == 0
     assert all("loss_scale" not in row for row in _logged(tmp_path / "fp32"))  # no loss scale, no column
 
@@ -514,7 +525,7 @@ def test_fp16_logs_its_loss_scale_and_stops_with_what_to_do_once_it_has_fallen_b
     assert main(train_args(tiny_beans, tmp_path / "fp16", "--epochs", "1")) == 0
     assert [row["loss_scale"] for row in _logged(tmp_path / "fp16")] == [2.0 ** 16] * 3  # no overflow: it holds
 
-    monkeypatch.setattr(train_mod, "soft_cross_entropy", _spoiled_loss(float("inf"), 1))
+    _spoil_loss_from_step(monkeypatch.setattr, float("inf"), 1)
     capsys.readouterr()
     out = tmp_path / "overflows"
     assert main(train_args(tiny_beans, out, "--epochs", "10", "--no-async_checkpoint")) == 2
@@ -532,8 +543,7 @@ def test_a_diverged_run_stops_before_any_checkpoint_of_its_nan_weights(tiny_bean
                                                                       log_every, nan_from, stops_at):
     """bf16/fp32 skip nothing: from a nan loss on, the weights are nan, and checkpoints of them would rotate
     the good ones out (--save_total_limit 2). The run stops with one error line naming the last good one."""
-    import vitboost.train as train_mod
-    monkeypatch.setattr(train_mod, "soft_cross_entropy", _spoiled_loss(float("nan"), nan_from))
+    _spoil_loss_from_step(monkeypatch.setattr, float("nan"), nan_from)
     out = tmp_path / "run"
     capsys.readouterr()
     assert main(train_args(tiny_beans, out, "--epochs", "10", "--log_every", log_every, "--no-async_checkpoint")) == 2
@@ -549,7 +559,7 @@ def _diverging_rank_1(data: str, out: str) -> str:
     """A 2-rank run whose rank 1 alone gets a nan loss from its 4th step on; the error each rank raised."""
     import vitboost.train as train_mod
     from vitboost.config import ConfigError, TrainConfig
-    train_mod.soft_cross_entropy = _spoiled_loss(float("nan"), 4, rank=1)
+    _spoil_loss_from_step(setattr, float("nan"), 4, rank=1)
     try:
         train_mod.train(TrainConfig(model="vit-micro", pretrained="none", dataset=data, output=out, epochs=20,
                                     batch_size=4, log_every=100, cache_dir=str(Path(out).parent / "cache"),
