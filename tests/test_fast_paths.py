@@ -260,3 +260,23 @@ def test_the_engine_trains_the_cls_only_block_as_the_stock_one() -> None:
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-5, atol=0)
     for k in w0:
         torch.testing.assert_close(w1[k], w0[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_vitboost_eval_and_predict_run_an_exported_model_as_the_trainer_evaluated_it(tmp_path) -> None:
+    """A trained folder is HF's own classes; loaded for `vitboost eval` / `predict` it gets the trainer's
+    forward again (one GEMM for q, k, v; the CLS-only last block) and the same logits as HF's."""
+    from transformers import ViTForImageClassification
+    from vitboost.model import ClassTokenBlock, FusedQKVAttention
+    from vitboost.parallel.tensor import find_blocks
+    from vitboost.predict import LocalModel
+    torch.manual_seed(0)
+    _model().save_pretrained(tmp_path / "model")
+    if not hasattr(find_blocks(_model())[0][1].attention, "q_proj"):
+        pytest.skip("transformers 4.x block layout: left as it is")
+    ours = LocalModel(str(tmp_path / "model"), device="cpu")
+    blocks = [b for _, b in find_blocks(ours.model)]
+    assert isinstance(blocks[-1], ClassTokenBlock) and all(isinstance(b.attention, FusedQKVAttention) for b in blocks)
+    hf = ViTForImageClassification.from_pretrained(tmp_path / "model").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(x), hf(pixel_values=x).logits, rtol=1e-5, atol=1e-6)

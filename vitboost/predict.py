@@ -12,7 +12,7 @@ import torch
 
 from .data import decode_image, load_image_dataset, normalize
 from .evaluate import evaluate
-from .model import ModelError, low_precision_residual_stream, read_preprocess
+from .model import ModelError, class_token_last_block, fuse_qkv, low_precision_residual_stream, read_preprocess
 
 
 def forward_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,9 @@ class LocalModel(OnDevice):
             raise ModelError(f"--model {folder} is not a trained model folder (no config.json); "
                              f"pass <output>/model from a run, or export one with `vitboost export`")
         super().__init__(ViTForImageClassification.from_pretrained(path).to(device).eval(), device)
-        low_precision_residual_stream(self.model)  # the numerics the trainer evaluated with
+        fuse_qkv(self.model)  # the step the trainer evaluated with: q, k, v as one GEMM, the last block
+        class_token_last_block(self.model)  # for the CLS token only, the residual stream in bf16 on a GPU
+        low_precision_residual_stream(self.model)
         self.pre = read_preprocess(path, self.model.config.image_size)
         self.label_names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
 
