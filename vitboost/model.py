@@ -58,22 +58,31 @@ class FusedQKVAttention:
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        q, k, v = self.q_proj, self.k_proj, self.v_proj
-        weight = torch.cat([q.weight, k.weight, v.weight])
-        bias = torch.cat([q.bias, k.bias, v.bias]) if q.bias is not None else None
-        qkv = nn.functional.linear(hidden_states, weight, bias)  # (B, N, 3 * H * d)
-        query, key, value = qkv.unflatten(-1, (3, -1, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._eager)
-        out, weights = attention(self, query, key, value, attention_mask,
-                                 dropout=0.0 if not self.training else self.attention_dropout,
-                                 scaling=self.scaling, **kwargs)
+        query, key, value = _heads_in_one_gemm(hidden_states, (self.q_proj, self.k_proj, self.v_proj), self.head_dim)
+        out, weights = _attend(self, query, key, value, attention_mask, **kwargs)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
-    @staticmethod
-    def _eager(*args, **kwargs):
-        from transformers.models.vit.modeling_vit import eager_attention_forward
-        return eager_attention_forward(*args, **kwargs)
+
+def _heads_in_one_gemm(x: torch.Tensor, linears: tuple[nn.Linear, ...], head_dim: int) -> tuple[torch.Tensor, ...]:
+    """``x`` through several ``nn.Linear`` as one GEMM (their weights concatenated), each output split into
+    heads as a view: ``[batch, heads, tokens, head_dim]`` per linear."""
+    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    y = nn.functional.linear(x, torch.cat([m.weight for m in linears]), bias)  # [batch, tokens, n * heads * d]
+    return y.unflatten(-1, (len(linears), -1, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _attend(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention function ``attn``'s config names (ours, HF's sdpa or eager), called as ViTAttention calls it."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, _eager_attention)
+    return attention(attn, query, key, value, attention_mask,
+                     dropout=0.0 if not attn.training else attn.attention_dropout, scaling=attn.scaling, **kwargs)
+
+
+def _eager_attention(*args, **kwargs):
+    from transformers.models.vit.modeling_vit import eager_attention_forward
+    return eager_attention_forward(*args, **kwargs)
 
 
 _FUSED: dict[type, type] = {}
@@ -118,21 +127,12 @@ class ClassTokenBlock:
         x = self.layernorm_before(hidden_states)
         query = attn.q_proj(x[:, :1]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # [batch, heads, 1, d]
         if isinstance(attn, FusedQKVAttention):  # k and v from one GEMM, as the other blocks
-            k, v = attn.k_proj, attn.v_proj
-            bias = torch.cat([k.bias, v.bias]) if k.bias is not None else None
-            kv = nn.functional.linear(x, torch.cat([k.weight, v.weight]), bias)
-            key, value = kv.unflatten(-1, (2, -1, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+            key, value = _heads_in_one_gemm(x, (attn.k_proj, attn.v_proj), attn.head_dim)
         else:  # e.g. LoRA-wrapped projections: call them as they are
-            key = attn.k_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
-            value = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
+            key, value = (m(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2) for m in (attn.k_proj, attn.v_proj))
         if attention_mask is not None:  # [batch, heads, queries, keys]: the CLS query's row
             attention_mask = attention_mask[..., :1, :]
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation,
-                                                          FusedQKVAttention._eager)
-        out, _ = attention(attn, query, key, value, attention_mask,
-                           dropout=0.0 if not attn.training else attn.attention_dropout,
-                           scaling=attn.scaling, **kwargs)
+        out, _ = _attend(attn, query, key, value, attention_mask, **kwargs)
         hidden = self.dropout(attn.o_proj(out.reshape(batch, 1, -1))) + hidden_states[:, :1]
         return self.dropout(self.mlp(self.layernorm_after(hidden))) + hidden
 

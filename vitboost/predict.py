@@ -44,8 +44,10 @@ class LocalModel(OnDevice):
             raise ModelError(f"--model {folder} is not a trained model folder (no config.json); "
                              f"pass <output>/model from a run, or export one with `vitboost export`")
         super().__init__(ViTForImageClassification.from_pretrained(path).to(device).eval(), device)
-        fuse_qkv(self.model)  # the step the trainer evaluated with: q, k, v as one GEMM, the last block
-        class_token_last_block(self.model)  # for the CLS token only, the residual stream in bf16 on a GPU
+        # the forward the trainer evaluated with: q, k, v as one GEMM, the last block for the CLS token only,
+        # the residual stream in bf16 on a GPU
+        fuse_qkv(self.model)
+        class_token_last_block(self.model)
         low_precision_residual_stream(self.model)
         self.pre = read_preprocess(path, self.model.config.image_size)
         self.label_names = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
